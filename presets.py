@@ -1,0 +1,109 @@
+"""The one place for presets, default paths, shared CLI flags, device choice and atomic writes.
+
+Every script builds its parser with `common_parser(stage)` and then calls `resolve(args, stage)`:
+preset values fill in every flag the user did not give, so
+
+    python collect_race_data.py --preset small --workers 2
+
+means "the small preset, but with two workers". `full` is the seed's scale.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+# Control period k: the policy picks a new action every K env frames (50 fps) and holds it.
+# Chosen by measurement (README, "control period"): the expert still scores > 900 at k=4,
+# the planner gets k x 20 ms = 80 ms per decision in real time, and a 15-step dream covers
+# 60 frames = 1.2 s, enough to see a corner coming before braking for it.
+CONTROL_PERIOD = 4
+
+# Default folders, as in the seed: collectors write here, trainers read from here.
+DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
+SOURCES = tuple(DATA_DIRS)
+MODELS_DIR = "models"
+VISUALS_DIR = "visuals"
+
+# Track seeds below this are reserved for evaluation (drive_mpc.py --seed S);
+# collectors never drive them, so every reported score is on unseen tracks.
+EVAL_SEED_LIMIT = 1_000_000
+
+# Rows are control steps (one stored frame per decision). `frames` is a per-source target;
+# `max_steps` caps control steps per episode (None: the env's own 1000-frame limit).
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "frames": {"race": 80, "recovery": 80, "random": 80},
+        "max_steps": 40,
+    },
+    "small": {
+        "frames": {"race": 6_000, "recovery": 6_000, "random": 6_000},
+        "max_steps": None,
+    },
+    "full": {
+        # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames.
+        "frames": {"race": 1_900_000, "recovery": 2_400_000, "random": 1_500_000},
+        "max_steps": None,
+    },
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def default_workers() -> int:
+    return max(1, min(32, os.cpu_count() or 1))
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every script shares, with the same names and meanings everywhere."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("common")
+    g.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                   help="scale of the run; explicit flags override its values")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    g.add_argument("--seed", type=int, default=0, help="base seed of the run")
+    g.add_argument("--workers", type=int, default=None,
+                   help="parallel worker processes (default: CPU cores, at most 32)")
+    g.add_argument("--out-dir", default=None, help="where this stage writes its outputs")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from what an earlier run of this stage left on disk")
+    return p
+
+
+def pick_device(name: str = "auto") -> str:
+    """`auto` picks cuda (NVIDIA, and AMD under ROCm, which PyTorch also calls cuda), then mps, then cpu."""
+    if name != "auto":
+        return name
+    import torch
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file_object) on a temporary file next to `path`, then rename it into place.
+
+    A run killed halfway leaves at most a hidden `.tmp` file, never a truncated `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o644)                                  # mkstemp makes 0600; outputs are for sharing
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
