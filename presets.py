@@ -32,19 +32,29 @@ EVAL_SEED_LIMIT = 1_000_000
 
 # Rows are control steps (one stored frame per decision). `frames` is a per-source target;
 # `max_steps` caps control steps per episode (None: the env's own 1000-frame limit).
+# Each stage reads its own sub-dict (e.g. PRESETS["small"]["encoder"]) through apply_preset().
 PRESETS: dict[str, dict] = {
     "tiny": {
         "frames": {"race": 80, "recovery": 80, "random": 80},
         "max_steps": 40,
+        "encoder": {"width": 8, "latent": 32, "expander": 64, "epochs": 2, "batch_size": 24,
+                    "batches_per_epoch": 3, "probe_frames": 200},
+        "decoder": {"width": 8, "steps": 5, "batch_size": 24},
     },
     "small": {
         "frames": {"race": 6_000, "recovery": 6_000, "random": 6_000},
         "max_steps": None,
+        "encoder": {"width": 16, "latent": 128, "expander": 512, "epochs": 6, "batch_size": 128,
+                    "batches_per_epoch": None, "probe_frames": 6000},
+        "decoder": {"width": 16, "steps": 200, "batch_size": 64},
     },
     "full": {
-        # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames.
+        # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames; the seed's ResNet18.
         "frames": {"race": 1_900_000, "recovery": 2_400_000, "random": 1_500_000},
         "max_steps": None,
+        "encoder": {"width": 64, "latent": 512, "expander": 2048, "epochs": 50, "batch_size": 256,
+                    "batches_per_epoch": None, "probe_frames": 50_000},
+        "decoder": {"width": 64, "steps": 1000, "batch_size": 128},
     },
 }
 
@@ -53,6 +63,14 @@ def preset(name: str) -> dict:
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def apply_preset(args: argparse.Namespace, stage: str) -> argparse.Namespace:
+    """Fill every flag of `stage` the user left unset (None) from the chosen preset."""
+    for key, value in preset(args.preset)[stage].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
 
 
 def default_workers() -> int:

@@ -1,0 +1,183 @@
+"""Step 3: watch the encoder's checkpoints and reconstruct frames from its frozen latents, on another device.
+
+    python train_decoder.py &                    # beside train_encoder.py; second GPU if there are two
+    python train_decoder.py --once               # only the newest checkpoint, then exit
+    python train_decoder.py --device cpu --steps 300
+
+For each new models/encoder_mixed_ep{N}.pth it loads the encoder onto its own device, freezes it,
+trains the decoder (warm-started from its previous weights) for --steps batches, and writes
+visuals/reconstruct_ep{N}.png (held-out originals above, reconstructions below, four frames from each
+source) plus a PSNR line in visuals/decoder_stats.jsonl. The decoder is saved as models/decoder.pth.
+It only ever reads the encoder's files, so it never waits on or slows the training. It stops by itself
+once models/encoder_final.pth exists and the last epoch has been shown.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_loader import BalancedBatches, EpisodeData
+from models import CheckpointError, TinyDecoder, build, load_checkpoint, load_weights, save_checkpoint
+from presets import DATA_DIRS, MODELS_DIR, VISUALS_DIR, apply_preset, common_parser
+from train_encoder import CKPT_RE
+
+SHOW_PER_SOURCE = 4
+
+
+def decoder_device(name: str) -> torch.device:
+    """auto: the second GPU when there are two (the first trains the encoder), else the GPU, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", 1 if torch.cuda.device_count() > 1 else 0)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in 0..1."""
+    return float(10 * torch.log10(1.0 / F.mse_loss(x, y).clamp_min(1e-10)))
+
+
+def pending(models_dir: Path, done: set[int]) -> list[tuple[int, Path]]:
+    """Epoch checkpoints not yet handled, oldest first. Temp files of a write in progress never match."""
+    found = [(int(m.group(1)), p) for p in models_dir.glob("encoder_mixed_ep*.pth") if (m := CKPT_RE.search(p.name))]
+    return sorted(x for x in found if x[0] not in done)
+
+
+def save_grid(originals: torch.Tensor, recon: torch.Tensor, path: Path, title: str) -> None:
+    """originals, recon: [N,3,64,64] in 0..1 -> PNG with originals on top, reconstructions below."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    top = torch.cat(list(originals), 2)
+    bottom = torch.cat(list(recon), 2)
+    img = torch.cat([top, bottom], 1).permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+    fig = plt.figure(figsize=(img.shape[1] / 40, img.shape[0] / 40 + 0.4))
+    plt.imshow(img, interpolation="nearest")
+    plt.axis("off")
+    plt.title(title, fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+class Watcher:
+    """Holds the decoder between checkpoints so each one starts from the last one's weights."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+        self.train = EpisodeData(dirs, "train", args.val_frac, args.seed)
+        val = EpisodeData(dirs, "val", args.val_frac, args.seed)
+        self.batches = BalancedBatches(self.train, args.batch_size, seed=args.seed, batches_per_epoch=args.steps)
+        show = next(BalancedBatches(val, 3 * SHOW_PER_SOURCE, seed=args.seed, batches_per_epoch=1).epoch(0))
+        order = np.argsort(show["source"], kind="stable")          # race, recovery, random, left to right
+        self.show = torch.from_numpy(show["obs"][order]).to(device)
+        held = next(BalancedBatches(val, 256, seed=args.seed + 1, batches_per_epoch=1).epoch(0))
+        self.held = torch.from_numpy(held["obs"]).to(device)
+        self.decoder, self.opt, self.rounds = None, None, 0
+
+    def handle(self, epoch: int, path: Path) -> dict:
+        ckpt = load_checkpoint(path, "encoder", map_location=self.device)
+        encoder = build(ckpt, self.device).eval().requires_grad_(False)
+        latent = ckpt["config"]["latent"]
+        if self.decoder is None or self.decoder.config["latent"] != latent:
+            self.decoder = TinyDecoder(latent, self.args.width).to(self.device)
+            decoder_path = Path(self.args.models_dir) / "decoder.pth"
+            if decoder_path.exists():
+                try:
+                    load_weights(self.decoder, load_checkpoint(decoder_path, "decoder", self.device))
+                except CheckpointError:
+                    pass                                          # a decoder for another encoder: start fresh
+            self.opt = torch.optim.AdamW(self.decoder.parameters(), lr=self.args.lr)
+        self.decoder.train()
+        t0, losses = time.perf_counter(), []
+        for batch in self.batches.epoch(self.rounds):
+            obs = torch.from_numpy(batch["obs"]).to(self.device)
+            with torch.no_grad():
+                z = encoder(obs)
+            target = obs.permute(0, 3, 1, 2).float() / 255
+            loss = F.mse_loss(self.decoder(z), target)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            losses.append(loss.item())
+        self.rounds += 1
+        self.decoder.eval()
+        with torch.no_grad():
+            held_psnr = psnr(self.decoder(encoder(self.held)), self.held.permute(0, 3, 1, 2).float() / 255)
+            recon = self.decoder(encoder(self.show))
+        original = self.show.permute(0, 3, 1, 2).float() / 255
+        save_grid(original, recon, Path(self.args.out_dir) / f"reconstruct_ep{epoch}.png",
+                  f"encoder epoch {epoch}: held-out race | recovery | random (top), reconstruction (bottom); "
+                  f"PSNR {held_psnr:.1f} dB")
+        save_checkpoint(Path(self.args.models_dir) / "decoder.pth", "decoder", self.decoder,
+                        encoder_epoch=epoch, psnr=held_psnr)
+        row = {"encoder_epoch": epoch, "psnr_db": round(held_psnr, 2), "train_mse": round(float(np.mean(losses)), 5),
+               "steps": len(losses), "seconds": round(time.perf_counter() - t0, 1), "device": str(self.device)}
+        with open(Path(self.args.out_dir) / "decoder_stats.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def main(args):
+    apply_preset(args, "decoder")
+    device = decoder_device(args.device)
+    torch.manual_seed(args.seed)
+    models = Path(args.models_dir)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    watcher, done, failures = None, set(), {}
+    while True:
+        todo = pending(models, done)
+        if args.once:
+            todo = todo[-1:]
+            if not todo:
+                raise SystemExit(f"no encoder checkpoint in {models}: run train_encoder.py first")
+        for epoch, path in todo:
+            try:
+                watcher = watcher or Watcher(args, device)
+                watcher.handle(epoch, path)
+                done.add(epoch)
+            except CheckpointError as e:                   # half-copied or corrupt: try again later
+                failures[epoch] = failures.get(epoch, 0) + 1
+                print(f"skipping for now: {e}", flush=True)
+                if failures[epoch] >= args.retries:
+                    print(f"giving up on epoch {epoch} after {args.retries} tries", flush=True)
+                    done.add(epoch)
+        if args.once:
+            return
+        final = models / "encoder_final.pth"
+        if final.exists() and not pending(models, done):
+            print("encoder finished; decoder watcher stops", flush=True)
+            return
+        time.sleep(args.poll)
+
+
+def parser():
+    p = common_parser(__doc__.splitlines()[0])
+    p.set_defaults(out_dir=VISUALS_DIR)
+    p.add_argument("--models-dir", default=MODELS_DIR, help="where the encoder writes its checkpoints")
+    p.add_argument("--once", action="store_true", help="handle the newest checkpoint and exit")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between looks for new checkpoints")
+    p.add_argument("--retries", type=int, default=5, help="tries for a checkpoint that will not load")
+    p.add_argument("--steps", type=int, default=None, help="decoder training batches per checkpoint")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--width", type=int, default=None, help="decoder base width")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--race-dir", default=DATA_DIRS["race"])
+    p.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
+    p.add_argument("--random-dir", default=DATA_DIRS["random"])
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
