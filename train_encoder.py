@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from data_loader import BalancedBatches, EpisodeData, prefetch
 from models import Expander, TinyEncoder, load_checkpoint, load_weights, probe_report, save_checkpoint
-from presets import DATA_DIRS, MODELS_DIR, apply_preset, common_parser, pick_device
+from presets import DATA_DIRS, MODELS_DIR, apply_preset, atomic_write, common_parser, pick_device
 
 CKPT_RE = re.compile(r"encoder_mixed_ep(\d+)\.pth$")
 
@@ -278,8 +278,8 @@ def main(args):
                             expander={"kind": "expander", "config": expander.config, "model": expander.state_dict()},
                             optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                             epoch=epoch + 1, rng=rng_states, stats=stats, args=_plain(vars(args)))
-            with open(out / "encoder_stats.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            # rewritten whole from the checkpoint's history, so a resumed run never repeats a line
+            atomic_write(out / "encoder_stats.jsonl", lambda f: f.write("".join(json.dumps(s) + "\n" for s in stats).encode()))
             plot_stats(stats, out / "encoder_loss.png")
 
     # -- probes on held-out episodes, then the final checkpoint the later stages use

@@ -1,0 +1,153 @@
+"""VICReg encoder, checkpoints, DDP and the decoder watcher on tiny synthetic data (CPU)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+import torch
+
+from conftest import ROOT, write_synthetic
+from models import CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
+import train_decoder
+import train_encoder
+from train_encoder import augment, effective_rank, vicreg_terms
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """Three sources of 3 episodes x 30 rows (synthetic pixels)."""
+    dirs = {}
+    for j, name in enumerate(["race", "recovery", "random"]):
+        dirs[name] = str(tmp_path / name)
+        write_synthetic(dirs[name], 3, 30, tag0=60 * j)
+    return dirs
+
+
+def encoder_args(dirs, out, *extra):
+    argv = ["--preset", "tiny", "--device", "cpu", "--out-dir", str(out), "--race-dir", dirs["race"],
+            "--recovery-dir", dirs["recovery"], "--random-dir", dirs["random"], "--val-frac", "0.34", *extra]
+    return train_encoder.parser().parse_args(argv)
+
+
+def test_variance_term_is_zero_when_spread_and_large_when_collapsed():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(512, 32, generator=g) * 3
+    assert vicreg_terms(spread, spread)["var"].item() == 0.0
+    collapsed = torch.ones(512, 32) + 1e-4 * torch.randn(512, 32, generator=g)
+    assert vicreg_terms(collapsed, collapsed)["var"].item() > 0.95
+
+
+def test_invariance_and_covariance_terms():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2048, 16, generator=g)
+    t = vicreg_terms(z, z)
+    assert t["inv"].item() == 0.0 and t["cov"].item() < 0.02           # independent dims: ~no covariance
+    correlated = torch.cat([z[:, :1]] * 16, 1)                          # every dim the same signal
+    assert vicreg_terms(correlated, correlated)["cov"].item() > 10
+    assert vicreg_terms(z, z + 1)["inv"].item() == pytest.approx(1.0)
+
+
+def test_augmentation_parameters_are_drawn_per_sample_and_never_flip():
+    x = torch.rand(16, 3, 64, 64)
+    views, params = augment(x, torch.Generator().manual_seed(0), shift=2.0, scale_min=0.9, jitter=0.1)
+    assert views.shape == x.shape and views.min() >= 0 and views.max() <= 1
+    for col in range(params.shape[1]):
+        assert len(torch.unique(params[:, col])) == 16                  # every sample its own draw
+    assert params[:, 0].min() > 0                                       # scale never negative: no mirror image
+
+
+def test_effective_rank_counts_used_dimensions():
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(1000, 8, generator=g)
+    one = torch.randn(1000, 1, generator=g) * torch.ones(1, 8)
+    assert effective_rank(full) > 7 and effective_rank(one) < 1.1
+
+
+def test_encoder_shapes_and_latent_size():
+    enc = TinyEncoder(width=8, latent=32)
+    z = enc(torch.randint(0, 255, (5, 64, 64, 3), dtype=torch.uint8))
+    assert z.shape == (5, 32)
+    assert TinyDecoder(latent=32, width=8)(z).shape == (5, 3, 64, 64)
+
+
+def test_resume_continues_the_run_exactly(tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    train_encoder.main(encoder_args(tiny_data, straight, "--epochs", "2"))
+    split = tmp_path / "split"                                          # as if killed after epoch 1
+    split.mkdir()
+    shutil.copy(straight / "encoder_mixed_ep1.pth", split)
+    train_encoder.main(encoder_args(tiny_data, split, "--epochs", "2", "--resume"))
+    a = load_checkpoint(straight / "encoder_mixed_ep2.pth", "encoder")
+    b = load_checkpoint(split / "encoder_mixed_ep2.pth", "encoder")
+    assert a["stats"][-1]["loss"] == b["stats"][-1]["loss"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    probes = json.loads((straight / "encoder_probes.json").read_text())
+    assert {"speed_r2", "yaw_rate_r2", "lateral_r2", "heading_err_r2", "on_road_acc"} <= set(probes)
+    lines = (straight / "encoder_stats.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2] and (straight / "encoder_loss.png").exists()
+    assert build(load_checkpoint(straight / "encoder_final.pth", "encoder")).latent == 32
+
+
+def test_resume_with_another_architecture_names_the_mismatch(tiny_data, tmp_path):
+    train_encoder.main(encoder_args(tiny_data, tmp_path / "m", "--epochs", "1"))
+    with pytest.raises(CheckpointError, match="width: checkpoint 8 vs model 16"):
+        train_encoder.main(encoder_args(tiny_data, tmp_path / "m", "--epochs", "2", "--resume", "--width", "16"))
+
+
+def test_nan_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    train_encoder.main(encoder_args(tiny_data, out, "--epochs", "1"))
+    monkeypatch.setattr(train_encoder, "vicreg_terms", lambda a, b: {k: torch.tensor(float("nan"), requires_grad=True)
+                                                                     for k in ("inv", "var", "cov")})
+    with pytest.raises(SystemExit, match="loss became nan.*encoder_mixed_ep1.pth"):
+        train_encoder.main(encoder_args(tiny_data, out, "--epochs", "2", "--resume"))
+    assert not (out / "encoder_mixed_ep2.pth").exists()
+    load_checkpoint(out / "encoder_mixed_ep1.pth", "encoder")
+
+
+def test_checkpoints_refuse_code_and_wrong_kinds(tmp_path):
+    save_checkpoint(tmp_path / "d.pth", "decoder", TinyDecoder(16, 8))
+    with pytest.raises(CheckpointError, match="holds a decoder, expected a encoder.*train_encoder"):
+        load_checkpoint(tmp_path / "d.pth", "encoder", stage="train_encoder.py")
+    torch.save({"format": 1, "kind": "encoder", "evil": Namespace(a=1)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="not found.*train_encoder"):
+        load_checkpoint(tmp_path / "missing.pth", stage="train_encoder.py")
+
+
+def test_torchrun_two_cpu_processes_train_an_epoch(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_encoder.py"), "--preset", "tiny", "--device", "cpu", "--epochs", "1",
+           "--out-dir", str(out), "--race-dir", tiny_data["race"], "--recovery-dir", tiny_data["recovery"],
+           "--random-dir", tiny_data["random"], "--val-frac", "0.34"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = load_checkpoint(out / "encoder_mixed_ep1.pth", "encoder")
+    assert len(ckpt["rng"]) == 2                                        # both ranks' RNG kept for resume
+    assert (out / "encoder_final.pth").exists()
+
+
+def test_decoder_watcher_handles_new_checkpoints_and_skips_broken_ones(tiny_data, tmp_path, capsys):
+    models = tmp_path / "models"
+    train_encoder.main(encoder_args(tiny_data, models, "--epochs", "1"))
+    good = (models / "encoder_mixed_ep1.pth").read_bytes()
+    (models / "encoder_mixed_ep2.pth").write_bytes(good[: len(good) // 3])      # half-copied
+    (models / ".encoder_mixed_ep3.pth.x1y2.tmp").write_bytes(good[:100])        # a write in progress
+    argv = ["--preset", "tiny", "--device", "cpu", "--models-dir", str(models), "--out-dir", str(tmp_path / "vis"),
+            "--race-dir", tiny_data["race"], "--recovery-dir", tiny_data["recovery"], "--random-dir",
+            tiny_data["random"], "--val-frac", "0.34", "--retries", "2", "--poll", "0.01"]
+    train_decoder.main(train_decoder.parser().parse_args(argv))               # returns: final exists
+    out = capsys.readouterr().out
+    assert (tmp_path / "vis" / "reconstruct_ep1.png").exists()
+    assert not (tmp_path / "vis" / "reconstruct_ep2.png").exists()
+    assert "skipping for now" in out and "encoder_mixed_ep2.pth" in out and "giving up on epoch 2" in out
+    rows = [json.loads(x) for x in (tmp_path / "vis" / "decoder_stats.jsonl").read_text().splitlines()]
+    assert [r["encoder_epoch"] for r in rows] == [1] and rows[0]["psnr_db"] > 0
+    assert load_checkpoint(models / "decoder.pth", "decoder")["encoder_epoch"] == 1
