@@ -179,7 +179,7 @@ def main(args):
     batches = BalancedBatches(train, args.batch_size, kind=kind, horizon=horizon, seed=args.seed,
                               batches_per_epoch=args.batches_per_epoch, rank=rank, world_size=world)
 
-    encoder = TinyEncoder(args.width, args.latent, args.hud).to(device).to(memory_format=torch.channels_last)
+    encoder = TinyEncoder(args.width, args.latent, args.hud).to(device)
     expander = Expander(args.latent, args.expander).to(device)
     params = list(encoder.parameters()) + list(expander.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr * args.batch_size * world / 256, weight_decay=args.weight_decay)
