@@ -120,91 +120,132 @@ def sim_state(sim) -> dict:
 
 
 # ---------------------------------------------------------------- the expert
-class Expert:
-    """Pure pursuit on the centre line with a curvature-aware speed profile.
+ROAD_HALF_WIDTH = 40 / 6.0    # car_racing TRACK_WIDTH: centre line to road edge, Box2D units
 
-    Speed: each track point allows sqrt(a_lat / |curvature|); a backward pass lowers that so the car
+
+class Expert:
+    """Pure pursuit on a minimum-curvature racing line, with a grip-limited speed profile.
+
+    Line: the centre line shifted sideways (at most `margin` inside the road edge) to minimise squared
+    curvature, so it cuts to the inside of corners and corners can be taken faster.
+    Speed: each line point allows sqrt(a_lat / |curvature|); a backward pass lowers that so the car
     can brake from one point to the next at a_brake, which makes it brake *before* corners.
-    Steering: pure pursuit towards the centre-line point `lookahead` units ahead, the lookahead
-    growing with speed so the line is smooth (and cuts corners a little) when fast.
+    Steering: pure pursuit towards the line point `lookahead` units ahead (growing with speed), aimed from
+    where the car will be `steer_delay` frames later, since steering reacts late to a held action.
+    It projects the car onto the track wherever it is, so it also steers back from the grass or from
+    a spin and carries on in the track's direction.
+    Pedals: proportional to the speed error, with traction control (no gas while the rear wheels spin)
+    and anti-lock (no brake while the front wheels skid): a sliding wheel has no grip left for steering.
     """
 
     privileged = True
 
-    def __init__(self, v_max=95.0, a_lat=260.0, a_brake=140.0, lookahead=6.0, lookahead_per_speed=0.12,
-                 speed_gain=0.08, brake_gain=0.05, curvature_window=3):
+    def __init__(self, v_max=100.0, a_lat=190.0, a_brake=120.0, margin=3.5, curvature_window=7,
+                 lookahead=7.0, lookahead_per_speed=0.15, steer_delay=2, brake_delay=3, speed_gain=0.1,
+                 brake_gain=0.05, brake_max=0.3, slip_max=3.0, offroad_speed=25.0):
         self.v_max, self.a_lat, self.a_brake = v_max, a_lat, a_brake
+        self.margin, self.curvature_window = margin, curvature_window
         self.lookahead, self.lookahead_per_speed = lookahead, lookahead_per_speed
-        self.speed_gain, self.brake_gain = speed_gain, brake_gain
-        self.curvature_window = curvature_window
-        self._profile_for = None
+        self.steer_delay, self.brake_delay = steer_delay, brake_delay
+        self.speed_gain, self.brake_gain, self.brake_max = speed_gain, brake_gain, brake_max
+        self.slip_max, self.offroad_speed = slip_max, offroad_speed
+        self._plan_for = None
 
     def reset(self, rng: np.random.Generator | None = None) -> None:
-        self._profile_for = None
+        self._plan_for = None
 
-    def _speed_profile(self, track: Track) -> np.ndarray:
-        n, w = len(track.points), self.curvature_window
-        # Curvature smoothed over +-w points: single-segment kinks are rendering noise, not corners.
-        kernel = np.ones(2 * w + 1) / (2 * w + 1)
-        curv = np.convolve(np.concatenate([track.curvature[-w:], track.curvature, track.curvature[:w]]),
-                           kernel, mode="valid")
+    def _racing_line(self, track: Track, iters: int = 600) -> np.ndarray:
+        """[N] sideways offsets (+ = right) minimising the squared second difference of the shifted points.
+
+        Projected gradient descent with Nesterov momentum (FISTA) on a convex quadratic with box limits.
+        """
+        tangent = track.dirs + np.roll(track.dirs, 1, axis=0)
+        tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+        normal = np.stack([tangent[:, 1], -tangent[:, 0]], axis=1)          # right-hand normal at each point
+        limit = ROAD_HALF_WIDTH - self.margin
+
+        def grad(off):
+            q = track.points + off[:, None] * normal
+            d2 = np.roll(q, 1, axis=0) - 2 * q + np.roll(q, -1, axis=0)
+            d4 = np.roll(d2, 1, axis=0) - 2 * d2 + np.roll(d2, -1, axis=0)
+            return np.einsum("ij,ij->i", d4, normal)
+
+        off = np.zeros(len(track.points))
+        y, t = off.copy(), 1.0
+        for _ in range(iters):
+            new = np.clip(y - grad(y) / 16.0, -limit, limit)                # 16 bounds the Hessian's norm
+            t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            y = new + (t - 1) / t_new * (new - off)
+            off, t = new, t_new
+        return track.points + off[:, None] * normal
+
+    def _plan(self, track: Track) -> None:
+        """Racing line, its arc length and the speed profile along it."""
+        line = self._racing_line(track)
+        seg = np.roll(line, -1, axis=0) - line
+        seg_len = np.linalg.norm(seg, axis=1)
+        heading = np.arctan2(seg[:, 1], seg[:, 0])
+        curv = np.angle(np.exp(1j * (np.roll(heading, -1) - heading))) / seg_len
+        # Curvature smoothed over +-w points: the car's real path is smoother than the polygon.
+        n, w = len(line), self.curvature_window
+        curv = np.convolve(np.concatenate([curv[-w:], curv, curv[:w]]), np.ones(2 * w + 1) / (2 * w + 1),
+                           mode="valid")
         v = np.minimum(self.v_max, np.sqrt(self.a_lat / np.maximum(np.abs(curv), 1e-6)))
         for _ in range(2):                                    # twice round: the track is a loop
             for i in range(n - 1, -1, -1):
-                j = (i + 1) % n
-                v[i] = min(v[i], math.sqrt(v[j] ** 2 + 2 * self.a_brake * track.seg_len[i]))
-        return v
+                v[i] = min(v[i], math.sqrt(v[(i + 1) % n] ** 2 + 2 * self.a_brake * seg_len[i]))
+        self.line, self.line_seg, self.profile = line, seg_len, v
+        self.line_s = np.concatenate([[0.0], np.cumsum(seg_len)[:-1]])
+        self.line_length = float(seg_len.sum())
+        self._plan_for = track.id
+
+    def _line_point(self, s: float) -> np.ndarray:
+        s = s % self.line_length
+        i = int(np.searchsorted(self.line_s, s, side="right") - 1)
+        j = (i + 1) % len(self.line)
+        return self.line[i] + (s - self.line_s[i]) / self.line_seg[i] * (self.line[j] - self.line[i])
 
     def target(self, sim) -> tuple[float, float, float]:
         """(steer, target speed, current speed) for the car's current state."""
         track = _track(sim)
-        if self._profile_for != track.id:
-            self.profile, self._profile_for = self._speed_profile(track), track.id
+        if self._plan_for != track.id:
+            self._plan(track)
         car = sim.car
-        pos = np.array(car.hull.position, np.float64)
+        vel = np.array(car.hull.linearVelocity, np.float64)
+        speed = float(np.hypot(*vel))
+        tau = self.steer_delay / 50.0
+        pos = np.array(car.hull.position, np.float64) + vel * tau
+        a = car.hull.angle + car.hull.angularVelocity * tau
         i, _, _, s = track.project(pos)
-        speed = float(np.hypot(*car.hull.linearVelocity))
-        goal = track.point_at(s + self.lookahead + self.lookahead_per_speed * speed)
-        a = car.hull.angle
-        d = goal - pos
+        s_line = self.line_s[i] + (s - track.s[i]) / track.seg_len[i] * self.line_seg[i]
+        d = self._line_point(s_line + self.lookahead + self.lookahead_per_speed * speed) - pos
         x_right = d @ np.array([math.cos(a), math.sin(a)])
         y_fwd = d @ np.array([-math.sin(a), math.cos(a)])
-        curvature = 2.0 * x_right / max(x_right ** 2 + y_fwd ** 2, 1e-6)
-        steer = math.atan(WHEELBASE * curvature) / MAX_WHEEL_ANGLE
-        # Look a little ahead on the profile: the action is held for a whole control period.
-        ahead = int((speed * CONTROL_PERIOD / 50.0 * 2.0) // 3.5) + 1
-        v_target = float(np.min(self.profile[[(i + j) % len(self.profile) for j in range(ahead + 1)]]))
+        if y_fwd < 0:                                         # goal behind (spun or facing backwards): full lock
+            steer = math.copysign(1.0, x_right)
+        else:
+            curvature = 2.0 * x_right / max(x_right ** 2 + y_fwd ** 2, 1e-6)
+            steer = math.atan(WHEELBASE * curvature) / MAX_WHEEL_ANGLE
+        # Slowest profile speed over the distance covered before a brake decision takes effect.
+        n = len(self.profile)
+        ahead = int(speed * self.brake_delay / 50.0 / 3.5) + 1
+        v_target = float(np.min(self.profile[[(i + j) % n for j in range(ahead + 1)]]))
+        if y_fwd < 0 or not any(len(w.tiles) for w in car.wheels):
+            v_target = min(v_target, self.offroad_speed)      # grass grips less; turning round needs it slow
         return steer, v_target, speed
 
     def act(self, frame, sim):
         steer, v_target, speed = self.target(sim)
+        car = sim.car
+        a = car.hull.angle
+        v_fwd = float(np.array(car.hull.linearVelocity) @ np.array([-math.sin(a), math.cos(a)]))
+        rear_spin = max(w.omega * w.wheel_rad for w in car.wheels[2:]) - v_fwd
+        front_skid = v_fwd - min(w.omega * w.wheel_rad for w in car.wheels[:2])
         err = v_target - speed
-        gas = float(np.clip(self.speed_gain * err, 0.0, 1.0)) if err > 0 else 0.0
-        brake = float(np.clip(-self.brake_gain * err, 0.0, 0.8)) if err < -2.0 else 0.0
+        gas = float(np.clip(self.speed_gain * err, 0.0, 1.0)) if err > 0 and rear_spin < self.slip_max else 0.0
+        brake = (float(np.clip(-self.brake_gain * err, 0.0, self.brake_max))
+                 if err < -2.0 and front_skid < self.slip_max else 0.0)
         return np.array([np.clip(steer, -1, 1), gas, brake], np.float32), {}
-
-
-# ---------------------------------------------------------------- action helpers
-def colored_noise(beta: float, shape: tuple, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise with power spectrum ~ 1/f^beta along the last axis, unit variance per series.
-
-    beta = 0 is white noise; larger beta gives smoother, more persistent signals (beta = 2: random
-    walk-like). Built in the frequency domain: random complex amplitudes scaled by f^(-beta/2).
-    """
-    n = shape[-1]
-    f = np.fft.rfftfreq(n)
-    f[0] = f[1] if n > 1 else 1.0                             # no infinite power at f = 0
-    scale = f ** (-beta / 2.0)
-    spec = (rng.standard_normal((*shape[:-1], len(f))) + 1j * rng.standard_normal((*shape[:-1], len(f)))) * scale
-    x = np.fft.irfft(spec, n=n, axis=-1)
-    return (x - x.mean(axis=-1, keepdims=True)) / (x.std(axis=-1, keepdims=True) + 1e-8)
-
-
-def longitudinal_to_action(steer: np.ndarray, longitudinal: np.ndarray) -> np.ndarray:
-    """(steer, one longitudinal axis in [-1,1]) -> [...,3] env actions: positive is gas, negative is brake,
-    so no sample is wasted pressing both pedals at once."""
-    lon = np.clip(longitudinal, -1.0, 1.0)
-    return np.stack([np.clip(steer, -1.0, 1.0), np.maximum(lon, 0.0), np.maximum(-lon, 0.0)], -1).astype(np.float32)
 
 
 # ---------------------------------------------------------------- episodes
