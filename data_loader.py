@@ -360,6 +360,54 @@ class BalancedBatches:
         return batch
 
 
+class LatentCache:
+    """Latents of every row of every source, for one encoder checkpoint, memory-mapped beside the frame cache.
+
+    `<folder>/.cache/latents_<key>.f32` is [rows, D] float32, row-aligned with the frame cache, so the
+    frame cache's episodes and columns serve the latents too. `key` is the checkpoint's content hash:
+    another checkpoint gets another file, never a stale one. Rows added since the last run are encoded
+    on the next (the file grows with the frame cache). `encode` maps uint8 [B,64,64,3] -> float32 [B,D].
+    """
+
+    def __init__(self, data: "EpisodeData", key: str, dim: int, encode, batch: int = 512, progress=None):
+        self.data, self.key, self.dim = data, key, dim
+        self.latents = []
+        for cache in data.caches:
+            path = cache.dir / f"latents_{key}.f32"
+            with open(cache.dir / "lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                done = (path.stat().st_size // (4 * dim)) if path.exists() else 0
+                with open(path, "ab") as f:
+                    f.truncate(done * 4 * dim)                  # drop a partial row of a killed run
+                    for start in range(done, cache.rows, batch):
+                        rows = np.arange(start, min(start + batch, cache.rows))
+                        z = np.asarray(encode(cache.frames(rows)), np.float32)
+                        if z.shape != (len(rows), dim):
+                            raise ValueError(f"encode returned {z.shape}, expected {(len(rows), dim)}")
+                        f.write(z.tobytes())
+                        if progress is not None:
+                            progress(len(rows))
+            self.latents.append(np.memmap(path, np.float32, mode="r", shape=(cache.rows, dim)))
+
+    def windows(self, source: int, horizon: int, history: int = 1) -> np.ndarray:
+        """Rows t (the 'current' step) such that t-history .. t+horizon lie in one episode of this split."""
+        c, ids = self.data.caches[source], self.data.episode_ids[source]
+        parts = [np.arange(c.starts[i] + history, c.starts[i] + c.lengths[i] - horizon) for i in ids
+                 if c.lengths[i] > horizon + history]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def gather(self, source: int, rows: np.ndarray, horizon: int, history: int = 1) -> dict:
+        """For current rows [B]: latents [B,history+1+horizon,D] (t-history .. t+horizon), actions [B,horizon,3]
+        (held after t .. t+horizon-1), and the state columns over t .. t+horizon."""
+        idx = rows[:, None] + np.arange(-history, horizon + 1)[None, :]
+        cols = self.data.caches[source].columns
+        fut = idx[:, history:]
+        out = {"z": np.asarray(self.latents[source][idx]), "action": np.asarray(cols["action"][fut[:, :-1]])}
+        for name in ("speed", "yaw_rate", "on_road", "lateral", "heading_err", "reward", "mistake"):
+            out[name] = np.asarray(cols[name][fut])
+        return out
+
+
 def prefetch(iterable, depth: int = 2):
     """Run `iterable` in a background thread, `depth` items ahead (os.pread releases the GIL)."""
     q: Queue = Queue(maxsize=depth)

@@ -115,7 +115,48 @@ class TinyDecoder(nn.Module):
         return torch.sigmoid(self.up(x))
 
 
-MODELS = {"encoder": TinyEncoder, "expander": Expander, "decoder": TinyDecoder}
+class Predictor(nn.Module):
+    """Latent dynamics: (z_{t-history} .. z_t, a_t) -> z_{t+1}, predicted as a residual change of z_t.
+
+    A single frame shows the speed gauge but hardly the yaw or the drift; the previous control step's
+    latent alongside the current one gives the motion (history=1). Latents are standardised with the
+    training set's mean/std held as buffers, so training and planning normalise identically.
+    """
+
+    def __init__(self, latent: int = 512, hidden: int = 1024, layers: int = 3, history: int = 1, action_dim: int = 3):
+        super().__init__()
+        self.config = {"latent": latent, "hidden": hidden, "layers": layers, "history": history,
+                       "action_dim": action_dim}
+        self.history = history
+        self.register_buffer("mu", torch.zeros(latent))
+        self.register_buffer("sd", torch.ones(latent))
+        dims = [latent * (history + 1) + action_dim] + [hidden] * layers
+        blocks = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            blocks += [nn.Linear(a, b), nn.LayerNorm(b), nn.GELU()]
+        self.net = nn.Sequential(*blocks, nn.Linear(hidden, latent))
+        nn.init.zeros_(self.net[-1].weight)                        # starts as "nothing changes"
+        nn.init.zeros_(self.net[-1].bias)
+
+    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
+        self.mu.copy_(mu)
+        self.sd.copy_(sd.clamp_min(1e-6))
+
+    def rollout(self, z_hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z_hist [B,history+1,D] (oldest first), actions [B,H,3] -> predicted latents [B,H,D].
+
+        Step h feeds on the model's own predictions of steps < h: H calls of the network.
+        """
+        n = (z_hist - self.mu) / self.sd
+        out = []
+        for h in range(actions.shape[1]):
+            nxt = n[:, -1] + self.net(torch.cat([n.flatten(1), actions[:, h]], 1))
+            out.append(nxt)
+            n = torch.cat([n[:, 1:], nxt[:, None]], 1)
+        return torch.stack(out, 1) * self.sd + self.mu
+
+
+MODELS = {"encoder": TinyEncoder, "expander": Expander, "decoder": TinyDecoder, "predictor": Predictor}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -172,45 +213,58 @@ PROBE_TARGETS = ("speed", "yaw_rate", "lateral", "heading_err")
 NEAR_ROAD = 15.0        # lateral/heading are probed within this many units of the centre line (road: +-6.7)
 
 
-def _standardise(train: torch.Tensor, *others: torch.Tensor):
-    mu, sd = train.mean(0), train.std(0) + 1e-6
-    return [(t - mu) / sd for t in (train, *others)]
+class LinearProbe:
+    """A linear read-out from latents: ridge regression (kind="ridge") or logistic regression ("logistic").
+
+    Inputs are standardised with the training set's statistics; the ridge penalty is picked on the
+    last fifth of the training set. fit() on train latents, then score() anywhere (true or predicted latents).
+    """
+
+    def __init__(self, kind: str = "ridge"):
+        self.kind = kind
+
+    def _x(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.double() - self.mu) / self.sd
+        return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, lambdas=(1e-2, 1e-1, 1.0, 10.0, 100.0)) -> "LinearProbe":
+        self.mu, self.sd = x.double().mean(0), x.double().std(0) + 1e-6
+        if self.kind == "ridge":
+            cut = max(1, int(0.8 * len(x)))
+            best = max(lambdas, key=lambda lam: r2_score(self._x(x[cut:]) @ self._ridge(x[:cut], y[:cut], lam),
+                                                         y[cut:].double()))
+            self.w = self._ridge(x, y, best)
+        else:
+            xb, yb = self._x(x).float(), y.float()
+            w = torch.zeros(xb.shape[1], requires_grad=True)
+            opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+            def closure():
+                opt.zero_grad()
+                loss = F.binary_cross_entropy_with_logits(xb @ w, yb) + 1e-3 * w[:-1].pow(2).sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+            self.w = w.detach().double()
+        return self
+
+    def _ridge(self, x, y, lam):
+        xb = self._x(x)
+        return torch.linalg.solve(xb.T @ xb + lam * torch.eye(xb.shape[1], dtype=xb.dtype), xb.T @ y.double())
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._x(x) @ self.w
+        return out if self.kind == "ridge" else (out > 0)
+
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """R^2 (ridge) or accuracy (logistic) on (x, y)."""
+        if self.kind == "ridge":
+            return r2_score(self.predict(x), y.double())
+        return float((self.predict(x) == y.bool()).double().mean())
 
 
-def ridge_r2(x_tr, y_tr, x_va, y_va, lambdas=(1e-2, 1e-1, 1.0, 10.0, 100.0)) -> float:
-    """Held-out R^2 of ridge regression; the penalty is picked on the last fifth of the training set."""
-    x_tr, x_va = _standardise(x_tr.double(), x_va.double())
-    y_tr, y_va = y_tr.double(), y_va.double()
-    cut = max(1, int(0.8 * len(x_tr)))
-
-    def fit(x, y, lam):
-        xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        a = xb.T @ xb + lam * torch.eye(xb.shape[1], dtype=x.dtype)
-        return torch.linalg.solve(a, xb.T @ y)
-
-    def r2(w, x, y):
-        pred = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
-        return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12))
-
-    best = max(lambdas, key=lambda lam: r2(fit(x_tr[:cut], y_tr[:cut], lam), x_tr[cut:], y_tr[cut:]))
-    return r2(fit(x_tr, y_tr, best), x_va, y_va)
-
-
-def logistic_accuracy(x_tr, y_tr, x_va, y_va, steps: int = 200) -> float:
-    """Held-out accuracy of L2-regularised logistic regression (full-batch L-BFGS)."""
-    x_tr, x_va = _standardise(x_tr.float(), x_va.float())
-    w = torch.zeros(x_tr.shape[1] + 1, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=steps, line_search_fn="strong_wolfe")
-    y = y_tr.float()
-
-    def closure():
-        opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x_tr @ w[:-1] + w[-1], y) + 1e-3 * w[:-1].pow(2).sum()
-        loss.backward()
-        return loss
-    opt.step(closure)
-    with torch.no_grad():
-        return float(((x_va @ w[:-1] + w[-1] > 0).float() == y_va.float()).float().mean())
+def r2_score(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12))
 
 
 def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict) -> dict:
@@ -224,8 +278,10 @@ def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict)
         m_tr, m_va = torch.ones(len(z_tr), dtype=torch.bool), torch.ones(len(z_va), dtype=torch.bool)
         if key in ("lateral", "heading_err"):
             m_tr, m_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
-        out[f"{key}_r2"] = round(ridge_r2(z_tr[m_tr], s_tr[key][m_tr], z_va[m_va], s_va[key][m_va]), 4)
-    out["on_road_acc"] = round(logistic_accuracy(z_tr, s_tr["on_road"], z_va, s_va["on_road"]), 4)
+        probe = LinearProbe("ridge").fit(z_tr[m_tr], s_tr[key][m_tr])
+        out[f"{key}_r2"] = round(probe.score(z_va[m_va], s_va[key][m_va]), 4)
+    probe = LinearProbe("logistic").fit(z_tr, s_tr["on_road"])
+    out["on_road_acc"] = round(probe.score(z_va, s_va["on_road"]), 4)
     share = float(s_va["on_road"].float().mean())
     out["on_road_majority_acc"] = round(max(share, 1 - share), 4)
     out["n_train"], out["n_val"] = len(z_tr), len(z_va)

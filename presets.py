@@ -40,6 +40,7 @@ PRESETS: dict[str, dict] = {
         "encoder": {"width": 8, "latent": 32, "expander": 64, "epochs": 2, "batch_size": 24,
                     "batches_per_epoch": 3, "probe_frames": 200},
         "decoder": {"width": 8, "steps": 5, "batch_size": 24},
+        "predictor": {"hidden": 64, "layers": 2, "epochs": 2, "batch_size": 32, "batches_per_epoch": 5},
     },
     "small": {
         "frames": {"race": 6_000, "recovery": 6_000, "random": 6_000},
@@ -47,6 +48,7 @@ PRESETS: dict[str, dict] = {
         "encoder": {"width": 16, "latent": 128, "expander": 512, "epochs": 6, "batch_size": 128,
                     "batches_per_epoch": None, "probe_frames": 6000},
         "decoder": {"width": 16, "steps": 200, "batch_size": 64},
+        "predictor": {"hidden": 256, "layers": 2, "epochs": 20, "batch_size": 256, "batches_per_epoch": 100},
     },
     "full": {
         # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames; the seed's ResNet18.
@@ -55,6 +57,7 @@ PRESETS: dict[str, dict] = {
         "encoder": {"width": 64, "latent": 512, "expander": 2048, "epochs": 50, "batch_size": 256,
                     "batches_per_epoch": None, "probe_frames": 50_000},
         "decoder": {"width": 64, "steps": 1000, "batch_size": 128},
+        "predictor": {"hidden": 1024, "layers": 3, "epochs": 30, "batch_size": 1024, "batches_per_epoch": None},
     },
 }
 

@@ -1,0 +1,97 @@
+"""Latent cache, predictor rollouts and the honesty of the copy-baseline metric."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_synthetic
+from data_loader import EpisodeData, LatentCache
+from models import Predictor, TinyEncoder, save_checkpoint
+import train_predictor
+from train_predictor import evaluate, latent_caches
+
+
+def tag_encode(frames):
+    """A stand-in encoder: latent = (episode tag, row number, 0, 0) read from the synthetic pixels."""
+    z = np.zeros((len(frames), 4), np.float32)
+    z[:, 0] = frames[:, 0, 0, 0]
+    z[:, 1] = frames[:, 0, 1, 0].astype(np.float32) + 256 * frames[:, 0, 2, 0].astype(np.float32)
+    return z
+
+
+@pytest.fixture
+def sources(tmp_path):
+    dirs = {}
+    for j, name in enumerate(["race", "recovery", "random"]):
+        dirs[name] = str(tmp_path / name)
+        write_synthetic(dirs[name], 3, 25, tag0=10 * j)
+    return dirs
+
+
+def test_rollout_feeds_on_its_own_outputs():
+    model = Predictor(latent=6, hidden=16, layers=1, history=1)
+    calls = []
+    model.net.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].clone()))
+    torch.nn.init.normal_(model.net[-1].weight)
+    z = torch.randn(2, 2, 6)
+    pred = model.rollout(z, torch.randn(2, 5, 3))
+    assert len(calls) == 5 and pred.shape == (2, 5, 6)
+    for h in range(1, 5):
+        # the input at step h holds the prediction of step h-1 as its current state
+        torch.testing.assert_close(calls[h][:, 6:12], pred[:, h - 1], rtol=1e-5, atol=1e-5)
+
+
+def test_windows_stay_inside_episodes(sources):
+    data = EpisodeData(sources, "all")
+    cache = LatentCache(data, "tag", 4, tag_encode)
+    for s in range(3):
+        rows = cache.windows(s, horizon=15, history=1)
+        assert len(rows) == 3 * (25 - 16)
+        w = cache.gather(s, rows, horizon=15, history=1)
+        assert w["z"].shape == (len(rows), 17, 4) and w["action"].shape == (len(rows), 15, 3)
+        assert np.all(w["z"][:, :, 0] == w["z"][:, :1, 0])                       # one episode
+        assert np.all(np.diff(w["z"][:, :, 1], axis=1) == 1)                     # consecutive steps
+        np.testing.assert_array_equal(w["speed"], w["z"][:, 1:, 1])              # columns from t on
+
+
+def test_latent_cache_is_keyed_by_checkpoint_content(sources, tmp_path):
+    enc_path = tmp_path / "enc.pth"
+    save_checkpoint(enc_path, "encoder", TinyEncoder(width=8, latent=16))
+    tr1, _, _ = latent_caches(enc_path, sources, 0.34, 0, "cpu")
+    save_checkpoint(enc_path, "encoder", TinyEncoder(width=8, latent=16))      # same path, new weights
+    tr2, _, _ = latent_caches(enc_path, sources, 0.34, 0, "cpu")
+    assert tr1.key != tr2.key
+    assert not np.allclose(np.asarray(tr1.latents[0]), np.asarray(tr2.latents[0]))
+    files = sorted(p.name for p in (tmp_path / "race" / ".cache").glob("latents_*"))
+    assert files == sorted([f"latents_{tr1.key}.f32", f"latents_{tr2.key}.f32"])
+
+
+def test_latent_cache_encodes_only_new_rows(sources, tmp_path):
+    seen = []
+    encode = lambda f: (seen.append(len(f)), tag_encode(f))[1]
+    LatentCache(EpisodeData(sources, "all"), "k", 4, encode)
+    assert sum(seen) == 3 * 3 * 25
+    write_synthetic(sources["race"], 1, 25, tag0=90, prefix="s1_ep")
+    seen.clear()
+    cache = LatentCache(EpisodeData(sources, "all"), "k", 4, encode)
+    assert sum(seen) == 25 and cache.latents[0][-1, 0] == 90
+
+
+def test_a_predictor_that_returns_its_input_scores_exactly_one(sources):
+    cache = LatentCache(EpisodeData(sources, "all"), "tag", 4, tag_encode)
+    model = Predictor(latent=4, hidden=8, layers=1, history=1)   # last layer starts at zero: z_{t+1} = z_t
+    result = evaluate(model, cache, horizon=5, history=1, device="cpu")
+    for name in ("race", "recovery", "random"):
+        assert result[name]["ratio@1"] == 1.0 and result[name]["ratio@5"] == 1.0
+
+
+def test_train_predictor_runs_end_to_end_and_writes_its_outputs(sources, tmp_path):
+    enc = tmp_path / "enc.pth"
+    save_checkpoint(enc, "encoder", TinyEncoder(width=8, latent=16))
+    args = train_predictor.parser().parse_args(
+        ["--preset", "tiny", "--device", "cpu", "--encoder", str(enc), "--out-dir", str(tmp_path / "m"),
+         "--race-dir", sources["race"], "--recovery-dir", sources["recovery"], "--random-dir", sources["random"],
+         "--val-frac", "0.34", "--horizon", "5", "--epochs", "3", "--batches-per-epoch", "40", "--hidden", "64"])
+    train_predictor.main(args)
+    stats = [l for l in (tmp_path / "m" / "predictor_stats.jsonl").read_text().splitlines()]
+    assert len(stats) == 3 and (tmp_path / "m" / "predictor_horizon.png").exists()
+    assert (tmp_path / "m" / "predictor_final.pth").exists() and (tmp_path / "m" / "predictor_probes.json").exists()
