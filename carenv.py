@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
-os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # never open a window unless asked to render
+if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # no screen: pygame must not try to open one
 
 import numpy as np
 
@@ -246,6 +248,29 @@ class Expert:
         brake = (float(np.clip(-self.brake_gain * err, 0.0, self.brake_max))
                  if err < -2.0 and front_skid < self.slip_max else 0.0)
         return np.array([np.clip(steer, -1, 1), gas, brake], np.float32), {}
+
+
+# ---------------------------------------------------------------- action helpers
+def colored_noise(beta: float, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise with power spectrum ~ 1/f^beta along the last axis, unit variance per series.
+
+    beta = 0 is white noise; larger beta gives smoother, more persistent signals (beta = 2: random
+    walk-like). Built in the frequency domain: random complex amplitudes scaled by f^(-beta/2).
+    """
+    n = shape[-1]
+    f = np.fft.rfftfreq(n)
+    f[0] = f[1] if n > 1 else 1.0                             # no infinite power at f = 0
+    scale = f ** (-beta / 2.0)
+    spec = (rng.standard_normal((*shape[:-1], len(f))) + 1j * rng.standard_normal((*shape[:-1], len(f)))) * scale
+    x = np.fft.irfft(spec, n=n, axis=-1)
+    return (x - x.mean(axis=-1, keepdims=True)) / (x.std(axis=-1, keepdims=True) + 1e-8)
+
+
+def longitudinal_to_action(steer: np.ndarray, longitudinal: np.ndarray) -> np.ndarray:
+    """(steer, one longitudinal axis in [-1,1]) -> [...,3] env actions: positive is gas, negative is brake,
+    so no sample is wasted pressing both pedals at once."""
+    lon = np.clip(longitudinal, -1.0, 1.0)
+    return np.stack([np.clip(steer, -1.0, 1.0), np.maximum(lon, 0.0), np.maximum(-lon, 0.0)], -1).astype(np.float32)
 
 
 # ---------------------------------------------------------------- episodes
