@@ -252,7 +252,7 @@ class Expert:
 
 # ---------------------------------------------------------------- action helpers
 def colored_noise(beta: float, shape: tuple, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise with power spectrum ~ 1/f^beta along the last axis, unit variance per series.
+    """Gaussian noise with power spectrum ~ 1/f^beta along the last axis, unit variance on average.
 
     beta = 0 is white noise; larger beta gives smoother, more persistent signals (beta = 2: random
     walk-like). Built in the frequency domain: random complex amplitudes scaled by f^(-beta/2).
@@ -263,7 +263,13 @@ def colored_noise(beta: float, shape: tuple, rng: np.random.Generator) -> np.nda
     scale = f ** (-beta / 2.0)
     spec = (rng.standard_normal((*shape[:-1], len(f))) + 1j * rng.standard_normal((*shape[:-1], len(f)))) * scale
     x = np.fft.irfft(spec, n=n, axis=-1)
-    return (x - x.mean(axis=-1, keepdims=True)) / (x.std(axis=-1, keepdims=True) + 1e-8)
+    # One scale for the whole batch, and no per-series mean removal: the slow components (an offset
+    # held over the whole horizon) are exactly what smooth noise is for.
+    weight = np.full(len(f), 4.0)                             # 2 Re(X e^{i.}) has variance 4 ...
+    weight[0] = 1.0                                           # ... DC and (even n) Nyquist keep only Re(X)
+    if n % 2 == 0:
+        weight[-1] = 1.0
+    return x / (np.sqrt(np.sum(weight * scale ** 2)) / n)
 
 
 def longitudinal_to_action(steer: np.ndarray, longitudinal: np.ndarray) -> np.ndarray:

@@ -403,7 +403,7 @@ class LatentCache:
         cols = self.data.caches[source].columns
         fut = idx[:, history:]
         out = {"z": np.asarray(self.latents[source][idx]), "action": np.asarray(cols["action"][fut[:, :-1]])}
-        for name in ("speed", "yaw_rate", "on_road", "lateral", "heading_err", "reward", "mistake"):
+        for name in ("speed", "yaw_rate", "on_road", "lateral", "heading_err", "reward", "tiles", "mistake"):
             out[name] = np.asarray(cols[name][fut])
         return out
 

@@ -1,70 +1,239 @@
-"""Drive and evaluate: the project's one entry point for scores.
+"""Drive and evaluate: the energy-based MPC (the seed's final phase), or the expert for reference.
 
+    python drive_mpc.py                                   # MPC with models/*, window if there is a display
+    python drive_mpc.py --episodes 10 --seed 0 --json mpc.json --record drive.mp4
+    python drive_mpc.py --planner icem                    # iterative CEM at the same sample budget
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
 
-drives track seeds S..S+N-1 (seeds below 1,000,000 are never used for data, so they are unseen
-tracks), prints each score and the mean +- std, and writes the JSON report:
-{"scores", "mean", "std", "tiles_fraction", "lap_finished", "seeds", ...}.
+Drives track seeds S..S+N-1 (seeds below 1,000,000 never appear in collected data, so these are
+unseen tracks), prints each score and the mean +- std, and with --json writes {"scores", "mean",
+"std", "tiles_fraction", "lap_finished", "seeds", "plan_ms_median", "plan_ms_p95", ...}.
+
+Each control step the MPC (1) encodes the camera frame, (2) dreams `samples` action sequences of H
+steps from power-law coloured noise around the previous plan shifted by one step, (3) unrolls the
+predictor for all of them in one batch, (4) sums the energy of every predicted transition, and
+(5) executes the first action of the lowest-energy sequence for one control period.
+Only the camera frame reaches the MPC: run_episode gives the simulator to privileged policies only.
 """
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
-from carenv import Expert, make_env, run_episode
-from presets import CONTROL_PERIOD, atomic_write, common_parser
-
-POLICIES = {"expert": Expert}
+from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode
+from presets import CONTROL_PERIOD, MODELS_DIR, atomic_write, common_parser, pick_device
 
 
-def _drive(job: tuple) -> dict:
-    """One evaluation episode (runs in a worker process, or inline with --workers 1)."""
-    policy_name, track_seed, max_steps = job
-    env = make_env()
+class MPCPolicy:
+    """Energy-based receding-horizon planner on the learned world model (camera frames only)."""
+
+    privileged = False
+
+    def __init__(self, encoder, predictor, cost, device, planner: str = "shooting", samples: int = 1000,
+                 horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
+                 elite_frac: float = 0.1, w_progress: float = 1.0, w_road: float = 1.0, w_expert: float = 1.0,
+                 discount: float = 1.0):
+        import torch
+        self.torch, self.device = torch, device
+        self.encoder, self.predictor, self.cost = encoder.eval(), predictor.eval(), cost.eval()
+        self.planner, self.samples, self.horizon, self.beta, self.sigma = planner, samples, horizon, beta, sigma
+        self.iterations, self.elite_frac = iterations, elite_frac
+        self.w = (w_progress, w_road, w_expert)
+        self.discount = torch.tensor([discount ** h for h in range(horizon)], device=device)
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.z_prev = None
+        self.plan = np.zeros((self.horizon, 2), np.float32)   # (steer, longitudinal) per step
+        self.elites = None
+
+    def energy(self, hist, seqs: np.ndarray) -> "torch.Tensor":
+        """hist [1,history+1,D], seqs [N,H,2] -> energy [N] of each sequence's predicted future."""
+        torch = self.torch
+        actions = torch.from_numpy(longitudinal_to_action(seqs[..., 0], seqs[..., 1])).to(self.device)  # [N,H,3]
+        n = len(seqs)
+        z = self.predictor.rollout(hist.expand(n, -1, -1), actions)                                  # [N,H,D]
+        prev = torch.cat([hist[:, -1:].expand(n, 1, -1), z[:, :-1]], 1)                               # [N,H,D]
+        out = self.cost(prev, z)                                                                      # [N,H] each
+        step = (-self.w[0] * out["progress"] + self.w[1] * (1 - torch.sigmoid(out["road"]))
+                + self.w[2] * (1 - torch.sigmoid(out["expert"])))
+        return (step * self.discount).sum(1)
+
+    def _noise(self, n: int) -> np.ndarray:
+        return colored_noise(self.beta, (n, 2, self.horizon), self.rng).transpose(0, 2, 1)            # [n,H,2]
+
+    def _shooting(self, hist):
+        seqs = np.clip(self.plan[None] + self.sigma * self._noise(self.samples), -1, 1)
+        seqs[0] = self.plan                                                   # the warm start competes too
+        e = self.energy(hist, seqs)
+        i = int(e.argmin())
+        return seqs[i], float(e[i])
+
+    def _icem(self, hist):
+        """Iterative CEM with coloured noise: the same total samples split over `iterations` rounds."""
+        per = self.samples // self.iterations
+        k = max(2, int(self.elite_frac * per))
+        mean, std = self.plan.copy(), np.full_like(self.plan, self.sigma)
+        kept = None
+        if self.elites is not None:                                           # last step's elites, shifted
+            kept = np.concatenate([self.elites[:, 1:], self.elites[:, -1:]], 1)
+        best, best_e = None, np.inf
+        for _ in range(self.iterations):
+            seqs = np.clip(mean[None] + std[None] * self._noise(per), -1, 1)
+            seqs[0] = mean
+            if kept is not None:
+                seqs = np.concatenate([seqs, kept])
+            e = self.energy(hist, seqs).cpu().numpy()
+            order = np.argsort(e)[:k]
+            kept = seqs[order[: max(1, k // 2)]]
+            if e[order[0]] < best_e:
+                best, best_e = seqs[order[0]], float(e[order[0]])
+            mean = seqs[order].mean(0)
+            std = np.maximum(seqs[order].std(0), 0.05)
+        self.elites = kept
+        return best, best_e
+
+    def act(self, frame: np.ndarray, sim=None):
+        torch = self.torch
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            z = self.encoder(torch.from_numpy(frame[None]).to(self.device)).float()                   # [1,D]
+            prev = self.z_prev if self.z_prev is not None else z
+            hist = torch.stack([prev, z], 1)                                                          # [1,2,D]
+            best, energy = self._icem(hist) if self.planner == "icem" else self._shooting(hist)
+        self.z_prev = z
+        self.plan = np.concatenate([best[1:], best[-1:]]).astype(np.float32)  # receding horizon warm start
+        action = longitudinal_to_action(best[0, 0], best[0, 1])
+        return action, {"energy": np.float32(energy), "plan_ms": np.float32(1000 * (time.perf_counter() - t0))}
+
+
+def load_mpc(spec: dict):
+    """Build the MPC from checkpoints; a missing or mismatched one names the stage to run."""
+    import torch
+    from models import CheckpointError, build, load_checkpoint
+    from train_predictor import file_hash
+    device = torch.device(pick_device(spec["device"]))
+    enc_ckpt = load_checkpoint(spec["encoder"], "encoder", device, stage="train_encoder.py")
+    pred_ckpt = load_checkpoint(spec["predictor"], "predictor", device, stage="train_predictor.py")
+    cost_ckpt = load_checkpoint(spec["cost"], "cost", device, stage="train_cost_model.py")
+    key = file_hash(spec["encoder"])
+    for ckpt, stage in ((pred_ckpt, "train_predictor.py"), (cost_ckpt, "train_cost_model.py")):
+        if ckpt.get("encoder_hash") != key:
+            raise CheckpointError(f"{stage.replace('train_', '').replace('.py', '')} checkpoint was trained on "
+                                  f"another encoder than {spec['encoder']}: run {stage} again")
+    return MPCPolicy(build(enc_ckpt, device), build(pred_ckpt, device), build(cost_ckpt, device), device,
+                     **spec["mpc"])
+
+
+class Recorder:
+    """Collects the env frames of a drive, with the chosen action and energy written on each."""
+
+    def __init__(self, path: str, scale: int = 4):
+        self.path, self.scale, self.frames = path, scale, []
+
+    def __call__(self, obs: np.ndarray, action: np.ndarray, extras: dict) -> None:
+        from PIL import Image, ImageDraw
+        img = Image.fromarray(obs).resize((obs.shape[1] * self.scale, obs.shape[0] * self.scale), Image.NEAREST)
+        draw = ImageDraw.Draw(img)
+        text = f"steer {action[0]:+.2f} gas {action[1]:.2f} brake {action[2]:.2f}"
+        if "energy" in extras:
+            text += f"\nenergy {float(extras['energy']):+.2f}  plan {float(extras['plan_ms']):.0f} ms"
+        draw.multiline_text((4, 4), text, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+        self.frames.append(np.asarray(img))
+
+    def save(self) -> None:
+        import imageio
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        if self.path.endswith(".gif"):
+            imageio.mimsave(self.path, self.frames[::2], duration=40, loop=0)       # 25 fps keeps GIFs small
+        else:
+            imageio.mimsave(self.path, self.frames, fps=50)
+
+
+def _drive(job: dict) -> dict:
+    """One evaluation episode (in a worker process, or inline with --workers 1)."""
+    if job["threads"]:
+        import torch
+        torch.set_num_threads(job["threads"])
+    policy = Expert() if job["policy"] == "expert" else load_mpc(job)
+    env = make_env("human" if job["render"] else None)
+    recorder = Recorder(job["record"]) if job["record"] else None
     t0 = time.perf_counter()
-    ep = run_episode(env, POLICIES[policy_name](), track_seed, k=CONTROL_PERIOD, max_steps=max_steps)
+    ep = run_episode(env, policy, job["seed"], k=CONTROL_PERIOD, max_steps=job["max_steps"], on_frame=recorder)
     env.close()
-    return {"seed": track_seed, "score": ep["score"], "tiles_fraction": ep["tiles_fraction"],
-            "lap_finished": ep["lap_finished"], "steps": len(ep["obs"]),
-            "off_road_share": float(1 - ep["on_road"].mean()), "seconds": time.perf_counter() - t0}
+    if recorder:
+        recorder.save()
+    r = {"seed": job["seed"], "score": ep["score"], "tiles_fraction": ep["tiles_fraction"],
+         "lap_finished": ep["lap_finished"], "steps": len(ep["obs"]),
+         "off_road_share": float(1 - ep["on_road"].mean()), "seconds": time.perf_counter() - t0}
+    if "plan_ms" in ep:
+        r["plan_ms"] = ep["plan_ms"].tolist()
+    return r
 
 
-def evaluate(policy: str, seeds: list[int], workers: int = 1, max_steps: int | None = None) -> dict:
-    jobs = [(policy, s, max_steps) for s in seeds]
+def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
+    jobs = [{**base, "seed": s, "record": base["record"] if i == 0 else None} for i, s in enumerate(seeds)]
+    results = []
     if workers > 1:
+        jobs = [{**j, "threads": max(1, (os.cpu_count() or 1) // workers)} for j in jobs]
         with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            results = []
             for r in pool.imap(_drive, jobs):
                 results.append(r)
                 _print(r)
     else:
-        results = []
         for job in jobs:
             results.append(_drive(job))
             _print(results[-1])
     scores = np.array([r["score"] for r in results])
-    return {"policy": policy, "seeds": seeds, "scores": scores.round(2).tolist(),
-            "mean": float(scores.mean()), "std": float(scores.std()),
-            "tiles_fraction": [round(r["tiles_fraction"], 4) for r in results],
-            "lap_finished": [bool(r["lap_finished"]) for r in results],
-            "off_road_share": [round(r["off_road_share"], 4) for r in results],
-            "control_period": CONTROL_PERIOD}
+    report = {"policy": base["policy"], "seeds": seeds, "scores": scores.round(2).tolist(),
+              "mean": float(scores.mean()), "std": float(scores.std()), "median": float(np.median(scores)),
+              "tiles_fraction": [round(r["tiles_fraction"], 4) for r in results],
+              "lap_finished": [bool(r["lap_finished"]) for r in results],
+              "off_road_share": [round(r["off_road_share"], 4) for r in results],
+              "control_period": CONTROL_PERIOD}
+    if base["policy"] == "mpc":
+        ms = np.concatenate([r["plan_ms"] for r in results])
+        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"],
+                       "plan_ms_median": round(float(np.median(ms)), 2),
+                       "plan_ms_p95": round(float(np.percentile(ms, 95)), 2)})
+    return report
 
 
 def _print(r: dict) -> None:
+    extra = f"  plan {np.median(r['plan_ms']):.0f} ms" if "plan_ms" in r else ""
     print(f"seed {r['seed']:>4}: score {r['score']:7.1f}  tiles {r['tiles_fraction']:.3f}  "
           f"lap {'yes' if r['lap_finished'] else 'no '}  off-road {r['off_road_share']:.3f}  "
-          f"({r['seconds']:.1f}s)", flush=True)
+          f"({r['seconds']:.1f}s){extra}", flush=True)
 
 
 def main(args):
     seeds = list(range(args.seed, args.seed + args.episodes))
-    report = evaluate(args.policy, seeds, workers=args.workers or 1, max_steps=args.max_steps)
+    display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or os.name == "nt" \
+        or os.uname().sysname == "Darwin"
+    render = (args.render or display) and not args.headless and (args.workers or 1) == 1
+    base = {"policy": args.policy, "device": args.device, "max_steps": args.max_steps, "render": render,
+            "record": args.record, "threads": 0,
+            "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
+            "predictor": args.predictor or f"{args.models_dir}/predictor_final.pth",
+            "cost": args.cost or f"{args.models_dir}/cost_model_final.pth",
+            "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
+                    "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
+                    "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount}}
+    if args.policy == "mpc":
+        from models import CheckpointError
+        try:
+            load_mpc(base)                          # fail now, with the stage to run, not in a worker
+        except CheckpointError as e:
+            raise SystemExit(f"cannot drive: {e}") from None
+    report = evaluate(base, seeds, workers=args.workers or 1)
+    tail = f"; planning {report['plan_ms_median']:.1f} ms median" if "plan_ms_median" in report else ""
     print(f"{args.policy}: mean {report['mean']:.1f} +- {report['std']:.1f} over track seeds "
-          f"{seeds[0]}..{seeds[-1]}; laps finished {sum(report['lap_finished'])}/{len(seeds)}")
+          f"{seeds[0]}..{seeds[-1]}; laps finished {sum(report['lap_finished'])}/{len(seeds)}{tail}")
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))
     return report
@@ -73,11 +242,30 @@ def main(args):
 def parser():
     p = common_parser(__doc__.splitlines()[0])
     g = p.add_argument_group("driving")
-    g.add_argument("--policy", default="expert", choices=sorted(POLICIES), help="who drives")
-    g.add_argument("--episodes", type=int, default=10, help="number of tracks: seeds S..S+N-1")
+    g.add_argument("--policy", default="mpc", choices=["mpc", "expert"], help="who drives")
+    g.add_argument("--episodes", type=int, default=1, help="number of tracks: seeds S..S+N-1")
     g.add_argument("--json", default=None, help="write the scores report here")
+    g.add_argument("--record", default=None, help="save the first episode as .mp4 or .gif")
+    g.add_argument("--render", action="store_true", help="show the drive in a window")
+    g.add_argument("--headless", action="store_true", help="never open a window")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop each episode after this many control steps (quick checks; scores are then partial)")
+    g = p.add_argument_group("models")
+    g.add_argument("--models-dir", default=MODELS_DIR)
+    g.add_argument("--encoder", default=None, help="default: MODELS_DIR/encoder_final.pth")
+    g.add_argument("--predictor", default=None, help="default: MODELS_DIR/predictor_final.pth")
+    g.add_argument("--cost", default=None, help="default: MODELS_DIR/cost_model_final.pth")
+    g = p.add_argument_group("planner")
+    g.add_argument("--planner", default="shooting", choices=["shooting", "icem"])
+    g.add_argument("--samples", type=int, default=1000, help="action sequences per plan (total, all iterations)")
+    g.add_argument("--horizon", type=int, default=15, help="control steps dreamt ahead")
+    g.add_argument("--beta", type=float, default=2.0, help="coloured-noise exponent (0 white, 2 smooth)")
+    g.add_argument("--sigma", type=float, default=0.5, help="noise scale around the warm-start plan")
+    g.add_argument("--iterations", type=int, default=3, help="iCEM rounds")
+    g.add_argument("--w-progress", type=float, default=1.0, help="energy weight of predicted progress")
+    g.add_argument("--w-road", type=float, default=1.0, help="energy weight of predicted off-road")
+    g.add_argument("--w-expert", type=float, default=1.0, help="energy weight of the discriminator")
+    g.add_argument("--discount", type=float, default=1.0, help="per-step discount of the energy")
     return p
 
 

@@ -156,7 +156,34 @@ class Predictor(nn.Module):
         return torch.stack(out, 1) * self.sd + self.mu
 
 
-MODELS = {"encoder": TinyEncoder, "expander": Expander, "decoder": TinyDecoder, "predictor": Predictor}
+class CostModel(nn.Module):
+    """The judge: heads on a transition (z_t, z_{t+1}) of true or predicted latents [B,D] each.
+
+    expert: logit that the transition is expert driving (low energy) rather than random (high);
+    road:   logit that the car is on the road at t+1;
+    progress: track tiles reached during the control period (what the env pays for).
+    """
+
+    def __init__(self, latent: int = 512, hidden: int = 256):
+        super().__init__()
+        self.config = {"latent": latent, "hidden": hidden}
+        self.register_buffer("mu", torch.zeros(latent))
+        self.register_buffer("sd", torch.ones(latent))
+        self.trunk = nn.Sequential(nn.Linear(2 * latent, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+        self.heads = nn.Linear(hidden, 3)
+
+    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
+        self.mu.copy_(mu)
+        self.sd.copy_(sd.clamp_min(1e-6))
+
+    def forward(self, z_now: torch.Tensor, z_next: torch.Tensor) -> dict:
+        x = torch.cat([(z_now - self.mu) / self.sd, (z_next - self.mu) / self.sd], -1)
+        out = self.heads(self.trunk(x))
+        return {"expert": out[..., 0], "road": out[..., 1], "progress": out[..., 2]}
+
+
+MODELS = {"encoder": TinyEncoder, "expander": Expander, "decoder": TinyDecoder, "predictor": Predictor,
+          "cost": CostModel}
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -41,6 +41,7 @@ PRESETS: dict[str, dict] = {
                     "batches_per_epoch": 3, "probe_frames": 200},
         "decoder": {"width": 8, "steps": 5, "batch_size": 24},
         "predictor": {"hidden": 64, "layers": 2, "epochs": 2, "batch_size": 32, "batches_per_epoch": 5},
+        "cost": {"hidden": 32, "epochs": 2},
     },
     "small": {
         "frames": {"race": 6_000, "recovery": 6_000, "random": 6_000},
@@ -49,6 +50,7 @@ PRESETS: dict[str, dict] = {
                     "batches_per_epoch": None, "probe_frames": 6000},
         "decoder": {"width": 16, "steps": 200, "batch_size": 64},
         "predictor": {"hidden": 256, "layers": 2, "epochs": 20, "batch_size": 256, "batches_per_epoch": 100},
+        "cost": {"hidden": 128, "epochs": 20},
     },
     "full": {
         # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames; the seed's ResNet18.
@@ -58,6 +60,7 @@ PRESETS: dict[str, dict] = {
                     "batches_per_epoch": None, "probe_frames": 50_000},
         "decoder": {"width": 64, "steps": 1000, "batch_size": 128},
         "predictor": {"hidden": 1024, "layers": 3, "epochs": 30, "batch_size": 1024, "batches_per_epoch": None},
+        "cost": {"hidden": 512, "epochs": 10},
     },
 }
 

@@ -1,0 +1,136 @@
+"""The planner: known optimum found by both planners, warm start, end-to-end headless drive with --json."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from drive_mpc import MPCPolicy
+from models import CostModel, Predictor, TinyEncoder, save_checkpoint
+from train_predictor import file_hash
+
+TARGET = (0.6, 0.3)          # (steer, longitudinal) that the hand-built judge likes best
+
+
+class ZeroEncoder(torch.nn.Module):
+    def forward(self, obs):
+        return torch.zeros(len(obs), 2)
+
+
+class ActionEcho:
+    """Predicted latent at step h = (steer_h, gas_h - brake_h): the world simply shows the action."""
+
+    def eval(self):
+        return self
+
+    def rollout(self, hist, actions):
+        return torch.stack([actions[..., 0], actions[..., 1] - actions[..., 2]], -1)
+
+
+class DistanceJudge:
+    """Progress is highest when the latent equals TARGET; always on the road, always expert-like."""
+
+    def eval(self):
+        return self
+
+    def __call__(self, z_now, z_next):
+        d = (z_next[..., 0] - TARGET[0]) ** 2 + (z_next[..., 1] - TARGET[1]) ** 2
+        big = torch.full_like(d, 50.0)
+        return {"progress": -10 * d, "road": big, "expert": big}
+
+
+def policy(planner):
+    p = MPCPolicy(ZeroEncoder(), ActionEcho(), DistanceJudge(), "cpu", planner=planner, samples=1000,
+                  horizon=15, beta=2.0, sigma=0.5)
+    p.reset(np.random.default_rng(0))
+    return p
+
+
+def run_steps(p, n=8):
+    frame = np.zeros((64, 64, 3), np.uint8)
+    for _ in range(n):                                   # receding horizon: each plan starts from the last
+        action, extras = p.act(frame)
+    return action, extras
+
+
+ZERO_PLAN_ENERGY = 15 * 10 * (TARGET[0] ** 2 + TARGET[1] ** 2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_icem_converges_on_the_known_best_sequence(seed):
+    p = policy("icem")
+    p.reset(np.random.default_rng(seed))
+    action, extras = run_steps(p)
+    assert action[0] == pytest.approx(TARGET[0], abs=0.05)
+    assert action[1] == pytest.approx(TARGET[1], abs=0.05) and action[2] == 0.0
+    assert np.all(np.abs(p.plan - np.array(TARGET)) < 0.1)
+    assert float(extras["energy"]) < 0.05 * ZERO_PLAN_ENERGY and extras["plan_ms"] > 0
+
+
+def test_shooting_picks_the_lowest_energy_candidate_and_closes_in(monkeypatch):
+    p = policy("shooting")
+    seen = []
+    energy = p.energy
+    monkeypatch.setattr(p, "energy", lambda hist, seqs: (seen.append((seqs.copy(), e := energy(hist, seqs))), e)[1])
+    action, extras = run_steps(p)
+    seqs, e = seen[-1]
+    best = int(e.argmin())
+    assert float(extras["energy"]) == pytest.approx(float(e[best]))
+    assert action[0] == pytest.approx(seqs[best, 0, 0]) and action[1] == pytest.approx(max(seqs[best, 0, 1], 0))
+    assert float(e[best]) < 0.4 * ZERO_PLAN_ENERGY                   # one random search of 1,000 per step
+
+
+def test_warm_start_shifts_the_plan_by_one_step(monkeypatch):
+    p = policy("shooting")
+    best = np.stack([np.linspace(-1, 1, 15), np.linspace(0, 1, 15)], 1).astype(np.float32)
+    monkeypatch.setattr(p, "_shooting", lambda hist: (best, 0.0))
+    action, _ = p.act(np.zeros((64, 64, 3), np.uint8))
+    assert action[0] == pytest.approx(-1.0) and action[1] == 0.0
+    np.testing.assert_allclose(p.plan[:-1], best[1:])
+    np.testing.assert_allclose(p.plan[-1], best[-1])
+
+
+def test_shooting_keeps_the_warm_start_as_a_candidate():
+    p = policy("shooting")
+    p.plan[:] = TARGET                                   # already optimal: noise can only make it worse
+    action, _ = p.act(np.zeros((64, 64, 3), np.uint8))
+    assert action[0] == pytest.approx(TARGET[0]) and action[1] == pytest.approx(TARGET[1])
+
+
+@pytest.fixture
+def tiny_models(tmp_path):
+    enc = tmp_path / "encoder_final.pth"
+    save_checkpoint(enc, "encoder", TinyEncoder(width=8, latent=16))
+    key = file_hash(enc)
+    save_checkpoint(tmp_path / "predictor_final.pth", "predictor", Predictor(16, 32, 1, 1), encoder_hash=key)
+    save_checkpoint(tmp_path / "cost_model_final.pth", "cost", CostModel(16, 16), encoder_hash=key)
+    return tmp_path
+
+
+@pytest.mark.parametrize("planner", ["shooting", "icem"])
+def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_models, tmp_path, planner):
+    out = tmp_path / "mpc.json"
+    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
+                        "--episodes", "1", "--seed", "7", "--max-steps", "8", "--samples", "100",
+                        "--planner", planner, "--json", str(out), "--record", str(tmp_path / "d.mp4")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for key in ("scores", "mean", "std", "tiles_fraction", "lap_finished", "plan_ms_median", "plan_ms_p95"):
+        assert key in report
+    assert report["seeds"] == [7] and report["planner"] == planner and report["plan_ms_median"] > 0
+    import imageio.v3 as iio
+    assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
+
+
+def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):
+    save_checkpoint(tiny_models / "encoder_final.pth", "encoder", TinyEncoder(width=8, latent=16))   # retrained
+    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
+                        "--max-steps", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "run train_predictor.py again" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models / "none"),
+                        "--headless", "--max-steps", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "run train_encoder.py first" in r.stderr

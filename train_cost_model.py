@@ -1,0 +1,141 @@
+"""Step 5: train the judge (CostModel) on frozen latents: expert vs random, on-road, and progress.
+
+    python train_cost_model.py                           # small preset; needs models/encoder_final.pth
+    python train_cost_model.py --recovery-label on_road  # use recovery frames as expert when on the road
+
+Trains from the latent cache (the same one train_predictor.py builds), on transitions (z_t, z_{t+1})
+inside episodes. Heads: expert logit (race = 1, random = 0; recovery excluded by default), on-road
+logit at t+1 (all sources), and tiles reached in the control period (all sources). Held-out episodes
+give ROC AUC and calibration; output models/cost_model_final.pth and models/cost_model_stats.json.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models import CostModel, save_checkpoint
+from presets import DATA_DIRS, MODELS_DIR, apply_preset, atomic_write, common_parser, pick_device
+from train_predictor import latent_caches
+
+
+def transitions(cache, recovery_label: str) -> dict:
+    """All (z_t, z_{t+1}) pairs of a LatentCache split with their labels, as tensors."""
+    parts = []
+    for s, name in enumerate(cache.data.names):
+        rows = cache.windows(s, horizon=1, history=0)
+        w = cache.gather(s, rows, horizon=1, history=0)               # z [N,2,D], columns [N,2]
+        expert = np.full(len(rows), 1.0 if name == "race" else 0.0, np.float32)
+        use = np.full(len(rows), name != "recovery")
+        if name == "recovery" and recovery_label == "on_road":
+            expert, use = w["on_road"][:, 1].astype(np.float32), np.ones(len(rows), bool)
+        parts.append({"z0": w["z"][:, 0], "z1": w["z"][:, 1], "expert": expert, "use_expert": use,
+                      "road": w["on_road"][:, 1].astype(np.float32),
+                      "progress": np.clip(w["tiles"][:, 1] - w["tiles"][:, 0], 0, 10).astype(np.float32),
+                      "source": np.full(len(rows), s)})
+    return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+
+def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """Probability that a random positive outscores a random negative (Mann-Whitney U), ties halved."""
+    s, y = score.double().numpy(), label.bool().numpy()
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    ranks[order] = np.arange(1, len(s) + 1)
+    for v in np.unique(sorted_s[np.r_[False, sorted_s[1:] == sorted_s[:-1]]]):      # average tied ranks
+        ranks[s == v] = ranks[s == v].mean()
+    n_pos, n_neg = y.sum(), (~y).sum()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def calibration(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict:
+    """Expected calibration error and the reliability table (mean predicted vs observed per bin)."""
+    edges = torch.linspace(0, 1, bins + 1)
+    table, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (prob >= lo) & ((prob < hi) if hi < 1 else (prob <= hi))
+        if m.any():
+            p, o = float(prob[m].mean()), float(label[m].float().mean())
+            table.append({"bin": f"{lo:.1f}-{hi:.1f}", "n": int(m.sum()), "predicted": round(p, 3), "observed": round(o, 3)})
+            ece += m.float().mean().item() * abs(p - o)
+    return {"ece": round(ece, 4), "reliability": table}
+
+
+@torch.no_grad()
+def evaluate(model: CostModel, t: dict) -> dict:
+    model.eval()
+    out = model(t["z0"], t["z1"])
+    m = t["use_expert"]
+    p_exp = torch.sigmoid(out["expert"][m])
+    prog, road = t["progress"], t["road"]
+    res = {"expert_auc": round(roc_auc(out["expert"][m], t["expert"][m]), 4),
+           "expert_calibration": calibration(p_exp, t["expert"][m]),
+           "road_accuracy": round(float(((out["road"] > 0).float() == road).float().mean()), 4),
+           "progress_r2": round(float(1 - ((out["progress"] - prog) ** 2).sum() / ((prog - prog.mean()) ** 2).sum()), 4)}
+    model.train()
+    return res
+
+
+def main(args):
+    apply_preset(args, "cost")
+    device = torch.device(pick_device(args.device))
+    torch.manual_seed(args.seed)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+    train_cache, val_cache, enc = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
+    train, val = transitions(train_cache, args.recovery_label), transitions(val_cache, args.recovery_label)
+    model = CostModel(enc["config"]["latent"], args.hidden).to(device)
+    model.set_normalisation(train["z0"].mean(0).to(device), train["z0"].std(0).to(device))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    n = len(train["z0"])
+    # Expert-vs-random is balanced by weighting each class by the inverse of its count.
+    pos = float(train["expert"][train["use_expert"]].mean())
+    w_pos, w_neg = 0.5 / max(pos, 1e-6), 0.5 / max(1 - pos, 1e-6)
+    g = torch.Generator().manual_seed(args.seed)
+    for epoch in tqdm(range(args.epochs), desc="cost model", dynamic_ncols=True):
+        for idx in torch.randperm(n, generator=g).split(args.batch_size):
+            b = {k: v[idx].to(device) for k, v in train.items()}
+            o = model(b["z0"], b["z1"])
+            m = b["use_expert"]
+            weight = torch.where(b["expert"][m] > 0.5, w_pos, w_neg)
+            loss = (F.binary_cross_entropy_with_logits(o["expert"][m], b["expert"][m], weight=weight)
+                    + F.binary_cross_entropy_with_logits(o["road"], b["road"])
+                    + F.mse_loss(o["progress"], b["progress"]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    val = {k: v.to(device) for k, v in val.items()}
+    stats = {"val": evaluate(model, val), "train": evaluate(model, {k: v.to(device) for k, v in train.items()}),
+             "recovery_label": args.recovery_label, "train_transitions": n, "val_transitions": len(val["z0"])}
+    print(json.dumps({k: v for k, v in stats["val"].items() if k != "expert_calibration"}
+                     | {"ece": stats["val"]["expert_calibration"]["ece"]}))
+    atomic_write(out / "cost_model_stats.json", lambda f: f.write(json.dumps(stats, indent=1).encode()))
+    save_checkpoint(out / "cost_model_final.pth", "cost", model, encoder_hash=train_cache.key, stats=json.dumps(stats))
+
+
+def parser():
+    p = common_parser(__doc__.splitlines()[0])
+    p.set_defaults(out_dir=MODELS_DIR)
+    p.add_argument("--encoder", default=f"{MODELS_DIR}/encoder_final.pth", help="frozen encoder checkpoint")
+    p.add_argument("--race-dir", default=DATA_DIRS["race"])
+    p.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
+    p.add_argument("--random-dir", default=DATA_DIRS["random"])
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--recovery-label", default="exclude", choices=["exclude", "on_road"],
+                   help="recovery frames: left out of the expert head, or expert exactly when on the road")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())
