@@ -100,6 +100,20 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_data_args(parser: argparse.ArgumentParser):
+    """The data folders and the held-out share, the same for every training stage; returns the group."""
+    g = parser.add_argument_group("data")
+    for source, folder in DATA_DIRS.items():
+        g.add_argument(f"--{source}-dir", default=folder, help=f"folder of the {source} episodes")
+    g.add_argument("--val-frac", type=float, default=0.1, help="share of episodes held out (split by episode)")
+    return g
+
+
+def data_dirs(args: argparse.Namespace) -> dict[str, str]:
+    """{source: folder} from the flags add_data_args() made."""
+    return {source: getattr(args, f"{source}_dir") for source in DATA_DIRS}
+
+
 def pick_device(name: str = "auto") -> str:
     """`auto` picks cuda (NVIDIA, and AMD under ROCm, which PyTorch also calls cuda), then mps, then cpu."""
     if name != "auto":

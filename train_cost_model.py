@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import CostModel, save_checkpoint
-from presets import DATA_DIRS, MODELS_DIR, apply_preset, atomic_write, common_parser, pick_device
+from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
 from train_predictor import latent_caches
 
 
@@ -87,7 +87,7 @@ def main(args):
     torch.manual_seed(args.seed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+    dirs = data_dirs(args)
     train_cache, val_cache, enc = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     train, val = transitions(train_cache, args.recovery_label), transitions(val_cache, args.recovery_label)
     model = CostModel(enc["config"]["latent"], args.hidden).to(device)
@@ -123,10 +123,7 @@ def parser():
     p = common_parser(__doc__.splitlines()[0])
     p.set_defaults(out_dir=MODELS_DIR)
     p.add_argument("--encoder", default=f"{MODELS_DIR}/encoder_final.pth", help="frozen encoder checkpoint")
-    p.add_argument("--race-dir", default=DATA_DIRS["race"])
-    p.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
-    p.add_argument("--random-dir", default=DATA_DIRS["random"])
-    p.add_argument("--val-frac", type=float, default=0.1)
+    add_data_args(p)
     p.add_argument("--recovery-label", default="exclude", choices=["exclude", "on_road"],
                    help="recovery frames: left out of the expert head, or expert exactly when on the road")
     p.add_argument("--hidden", type=int, default=None)

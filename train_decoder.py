@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from data_loader import BalancedBatches, EpisodeData
 from models import CheckpointError, TinyDecoder, build, load_checkpoint, load_weights, save_checkpoint
-from presets import DATA_DIRS, MODELS_DIR, VISUALS_DIR, apply_preset, common_parser
+from presets import MODELS_DIR, VISUALS_DIR, add_data_args, apply_preset, common_parser, data_dirs
 from train_encoder import CKPT_RE
 
 SHOW_PER_SOURCE = 4
@@ -73,7 +73,7 @@ class Watcher:
 
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
-        dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+        dirs = data_dirs(args)
         self.train = EpisodeData(dirs, "train", args.val_frac, args.seed)
         val = EpisodeData(dirs, "val", args.val_frac, args.seed)
         self.batches = BalancedBatches(self.train, args.batch_size, seed=args.seed, batches_per_epoch=args.steps)
@@ -172,10 +172,7 @@ def parser():
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--width", type=int, default=None, help="decoder base width")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-frac", type=float, default=0.1)
-    p.add_argument("--race-dir", default=DATA_DIRS["race"])
-    p.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
-    p.add_argument("--random-dir", default=DATA_DIRS["random"])
+    add_data_args(p)
     return p
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from data_loader import BalancedBatches, EpisodeData, prefetch
 from models import Expander, TinyEncoder, load_checkpoint, load_weights, probe_report, save_checkpoint
-from presets import DATA_DIRS, MODELS_DIR, apply_preset, atomic_write, common_parser, pick_device
+from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
 
 CKPT_RE = re.compile(r"encoder_mixed_ep(\d+)\.pth$")
 
@@ -172,7 +172,7 @@ def main(args):
     out = Path(args.out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+    dirs = data_dirs(args)
     train = EpisodeData(dirs, "train", args.val_frac, args.seed, strict=args.strict)
     val = EpisodeData(dirs, "val", args.val_frac, args.seed, strict=args.strict)
     kind, horizon = ("windows", args.temporal) if args.temporal else ("frames", 15)
@@ -304,11 +304,7 @@ def _plain(d: dict) -> dict:
 def parser():
     p = common_parser(__doc__.splitlines()[0])
     p.set_defaults(out_dir=MODELS_DIR)
-    g = p.add_argument_group("data")
-    g.add_argument("--race-dir", default=DATA_DIRS["race"])
-    g.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
-    g.add_argument("--random-dir", default=DATA_DIRS["random"])
-    g.add_argument("--val-frac", type=float, default=0.1, help="share of episodes held out (by episode)")
+    g = add_data_args(p)
     g.add_argument("--strict", action="store_true", help="a bad episode file is an error, not a warning")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=None, help="ResNet base width (64 = ResNet18)")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data_loader import EpisodeData, LatentCache, batch_counts
 from models import LinearProbe, Predictor, build, load_checkpoint, load_weights, save_checkpoint
-from presets import DATA_DIRS, MODELS_DIR, apply_preset, atomic_write, common_parser, pick_device
+from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
 
 EVAL_STEPS = (1, 5, 10, 15)
 
@@ -148,7 +148,7 @@ def main(args):
     torch.manual_seed(args.seed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+    dirs = data_dirs(args)
     t0 = time.perf_counter()
     train, val, enc_ckpt = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     encode_s = time.perf_counter() - t0
@@ -213,11 +213,7 @@ def parser():
     p = common_parser(__doc__.splitlines()[0])
     p.set_defaults(out_dir=MODELS_DIR)
     p.add_argument("--encoder", default=f"{MODELS_DIR}/encoder_final.pth", help="frozen encoder checkpoint")
-    g = p.add_argument_group("data")
-    g.add_argument("--race-dir", default=DATA_DIRS["race"])
-    g.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
-    g.add_argument("--random-dir", default=DATA_DIRS["random"])
-    g.add_argument("--val-frac", type=float, default=0.1)
+    add_data_args(p)
     g = p.add_argument_group("model")
     g.add_argument("--hidden", type=int, default=None)
     g.add_argument("--layers", type=int, default=None)

@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_loader import LatentCache
 from models import Predictor, TinyDecoder, build, load_checkpoint
-from presets import CONTROL_PERIOD, DATA_DIRS, MODELS_DIR, atomic_write, common_parser, pick_device
+from presets import CONTROL_PERIOD, MODELS_DIR, add_data_args, atomic_write, common_parser, data_dirs, pick_device
 from train_predictor import latent_caches
 
 # Held actions (steer -1 left..+1 right, gas, brake); a little gas in the turns so the car keeps moving.
@@ -110,7 +110,7 @@ def main(args):
     # Checkpoints first, so a missing one fails before any encoding work.
     pred_ckpt = load_checkpoint(args.predictor, "predictor", map_location=device, stage="train_predictor.py")
     dec_ckpt = load_checkpoint(args.decoder, "decoder", map_location=device, stage="train_decoder.py")
-    dirs = {"race": args.race_dir, "recovery": args.recovery_dir, "random": args.random_dir}
+    dirs = data_dirs(args)
     _, val, enc_ckpt = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     if pred_ckpt.get("encoder_hash", val.key) != val.key:
         raise SystemExit(f"{args.predictor} was trained on another encoder than {args.encoder}")
@@ -147,11 +147,7 @@ def parser():
     p.add_argument("--starts", type=int, default=4, help="held-out start frames, one grid row each")
     p.add_argument("--horizon", type=int, default=None,
                    help="dream length H; unset: the predictor's training horizon, else 15")
-    g = p.add_argument_group("data")
-    g.add_argument("--race-dir", default=DATA_DIRS["race"])
-    g.add_argument("--recovery-dir", default=DATA_DIRS["recovery"])
-    g.add_argument("--random-dir", default=DATA_DIRS["random"])
-    g.add_argument("--val-frac", type=float, default=0.1)
+    add_data_args(p)
     return p
 
 
