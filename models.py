@@ -24,7 +24,7 @@ from presets import atomic_write
 
 CHECKPOINT_FORMAT = 1
 HUD_ROWS = 8                        # the bottom 8 of 64 rows are the heads-up display (12 of 96)
-SCORE_COLS = 10                     # ... whose left 10 columns are the score digits
+SCORE_COLS = 7                      # ... whose left 7 columns are the score digits (the speed bar is at 8-9)
 
 
 class CheckpointError(RuntimeError):

@@ -9,7 +9,7 @@ trains the decoder (warm-started from its previous weights) for --steps batches,
 visuals/reconstruct_ep{N}.png (held-out originals above, reconstructions below, four frames from each
 source) plus a PSNR line in visuals/decoder_stats.jsonl. The decoder is saved as models/decoder.pth.
 It only ever reads the encoder's files, so it never waits on or slows the training. It stops by itself
-once models/encoder_final.pth exists and the last epoch has been shown.
+once a models/encoder_final.pth newer than every epoch checkpoint exists and the last epoch is shown.
 """
 from __future__ import annotations
 
@@ -45,10 +45,26 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / F.mse_loss(x, y).clamp_min(1e-10)))
 
 
-def pending(models_dir: Path, done: set[int]) -> list[tuple[int, Path]]:
-    """Epoch checkpoints not yet handled, oldest first. Temp files of a write in progress never match."""
-    found = [(int(m.group(1)), p) for p in models_dir.glob("encoder_mixed_ep*.pth") if (m := CKPT_RE.search(p.name))]
-    return sorted(x for x in found if x[0] not in done)
+def checkpoints(models_dir: Path) -> list[tuple[int, int, Path]]:
+    """(epoch, mtime_ns, path) of every epoch checkpoint, oldest epoch first.
+
+    The mtime is part of the identity: a new run that rewrites epoch 1 in the same folder is new.
+    Temp files of a write in progress never match the name pattern.
+    """
+    found = [(int(m.group(1)), p.stat().st_mtime_ns, p) for p in models_dir.glob("encoder_mixed_ep*.pth")
+             if (m := CKPT_RE.search(p.name))]
+    return sorted(found)
+
+
+def pending(models_dir: Path, done: set) -> list[tuple[int, int, Path]]:
+    return [c for c in checkpoints(models_dir) if c[:2] not in done]
+
+
+def encoder_finished(models_dir: Path) -> bool:
+    """True once encoder_final.pth exists and is newer than every epoch checkpoint (not a previous run's)."""
+    final = models_dir / "encoder_final.pth"
+    found = checkpoints(models_dir)
+    return final.exists() and (not found or final.stat().st_mtime_ns >= max(c[1] for c in found))
 
 
 def save_grid(originals: torch.Tensor, recon: torch.Tensor, path: Path, title: str) -> None:
@@ -141,21 +157,20 @@ def main(args):
             todo = todo[-1:]
             if not todo:
                 raise SystemExit(f"no encoder checkpoint in {models}: run train_encoder.py first")
-        for epoch, path in todo:
+        for epoch, mtime, path in todo:
             try:
                 watcher = watcher or Watcher(args, device)
                 watcher.handle(epoch, path)
-                done.add(epoch)
+                done.add((epoch, mtime))
             except CheckpointError as e:                   # half-copied or corrupt: try again later
-                failures[epoch] = failures.get(epoch, 0) + 1
+                failures[epoch, mtime] = failures.get((epoch, mtime), 0) + 1
                 print(f"skipping for now: {e}", flush=True)
-                if failures[epoch] >= args.retries:
+                if failures[epoch, mtime] >= args.retries:
                     print(f"giving up on epoch {epoch} after {args.retries} tries", flush=True)
-                    done.add(epoch)
+                    done.add((epoch, mtime))
         if args.once:
             return
-        final = models / "encoder_final.pth"
-        if final.exists() and not pending(models, done):
+        if encoder_finished(models) and not pending(models, done):
             print("encoder finished; decoder watcher stops", flush=True)
             return
         time.sleep(args.poll)

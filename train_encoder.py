@@ -289,7 +289,7 @@ def main(args):
         probes = {**probe_report(z_tr, s_tr, z_va, s_va), "effective_rank_val": round(effective_rank(z_va), 2),
                   "latent": args.latent, "epochs": args.epochs}
         print("probes:", json.dumps(probes))
-        Path(out / "encoder_probes.json").write_text(json.dumps(probes, indent=1))
+        atomic_write(out / "encoder_probes.json", lambda f: f.write(json.dumps(probes, indent=1).encode()))
         save_checkpoint(out / "encoder_final.pth", "encoder", encoder, epoch=args.epochs, final=True,
                         probes=probes, stats=stats, args=_plain(vars(args)))
     if world > 1:

@@ -9,6 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+# One thread per process: the tests run several processes on 2 cores, where competing OpenMP thread
+# pools were measured 4-70x slower than single-threaded ones. Subprocesses of the tests inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from data_loader import COLUMNS, write_episode  # noqa: E402
 

@@ -140,6 +140,7 @@ def test_decoder_watcher_handles_new_checkpoints_and_skips_broken_ones(tiny_data
     good = (models / "encoder_mixed_ep1.pth").read_bytes()
     (models / "encoder_mixed_ep2.pth").write_bytes(good[: len(good) // 3])      # half-copied
     (models / ".encoder_mixed_ep3.pth.x1y2.tmp").write_bytes(good[:100])        # a write in progress
+    os.utime(models / "encoder_final.pth")                                     # the encoder finished after
     argv = ["--preset", "tiny", "--device", "cpu", "--models-dir", str(models), "--out-dir", str(tmp_path / "vis"),
             "--race-dir", tiny_data["race"], "--recovery-dir", tiny_data["recovery"], "--random-dir",
             tiny_data["random"], "--val-frac", "0.34", "--retries", "2", "--poll", "0.01"]

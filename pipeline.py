@@ -1,0 +1,297 @@
+"""The whole seed in one command: collect, train, dream, judge, drive, then a report of what was measured.
+
+    python pipeline.py --preset tiny --workdir /tmp/t      # every stage, a minute or two on a CPU
+    python pipeline.py --preset small                      # -> runs/small/
+    python pipeline.py --preset full --device cuda --workers 16
+    python pipeline.py --preset small --force train_cost_model    # redo the judge, and the drive after it
+
+Each stage runs as its own process (`python <stage>.py ...`) with explicit paths, so all it writes
+lands under the work directory: data_race/, data_recovery/, data/ (each with summary.json), models/,
+visuals/, output_dream.gif, drive.json, drive.mp4, logs/<stage>.log, drive_scores.png and report.md.
+train_decoder.py runs beside train_encoder.py (on the second GPU when there are two; leave --device
+at auto for that, since --device is passed to every stage).
+
+Re-running resumes: a stage whose outputs all exist and are newer than its inputs is skipped.
+--force STAGE (repeatable) reruns that stage; every later stage whose inputs it rewrote follows.
+Only file times are compared, not flags: after changing --preset or --seed use another --workdir,
+or --force the first stage that should change. --resume is passed to the encoder and predictor,
+so an interrupted training continues from its last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from presets import DATA_DIRS, MODELS_DIR, VISUALS_DIR, common_parser
+
+HERE = Path(__file__).resolve().parent
+# In the seed's order; stages() builds them in this order.
+STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_encoder", "train_predictor",
+          "visualise_dream", "train_cost_model", "drive_mpc")
+
+# Evaluation per preset: tracks 0..E-1 (never in the collected data). Tiny cuts each drive short, so its
+# score is partial: it checks that the pipeline works, not how well the car drives.
+# decoder_grace_s: how long the decoder watcher may take, once the encoder is done, to show its last epochs.
+RUN = {
+    "tiny": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300},
+    "small": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800},
+    "full": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600},
+}
+
+
+@dataclass
+class Stage:
+    name: str                                  # the script is <name>.py, its log logs/<name>.log
+    argv: list[str]
+    inputs: list[Path] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)
+    beside: list[str] | None = None            # argv of train_decoder.py, run alongside this stage
+
+
+def newest(path: Path) -> int | None:
+    """mtime (ns) of a file, or of the newest visible file in a folder; None when there is none.
+
+    Hidden entries are skipped: the frame and latent caches later stages build in data/.cache are not data.
+    """
+    if path.is_dir():
+        return max((p.stat().st_mtime_ns for p in path.iterdir() if p.is_file() and not p.name.startswith(".")),
+                   default=None)
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def stale(inputs: list[Path], outputs: list[Path]) -> str | None:
+    """Why a stage must run, or None when every output exists and is newer than every input."""
+    made = {p: newest(p) for p in outputs}
+    if missing := [p.name for p, t in made.items() if t is None]:
+        return f"no {', '.join(missing)}"
+    oldest = min(made, key=made.get)
+    for p in inputs:
+        t = newest(p)
+        if t is None:
+            return f"input {p} missing"
+        if t > made[oldest]:
+            return f"{p.name} is newer than {oldest.name}"
+    return None
+
+
+def stages(args, w: Path) -> list[Stage]:
+    m, v = w / MODELS_DIR, w / VISUALS_DIR
+    data = {s: w / d for s, d in DATA_DIRS.items()}
+    common = ["--preset", args.preset, "--device", args.device]
+    common += ["--workers", str(args.workers)] if args.workers else []
+    seeded = common + ["--seed", str(args.seed)]
+    train = seeded + [a for s, d in data.items() for a in (f"--{s}-dir", str(d))]     # --race-dir DIR ...
+    resume = ["--resume"] if args.resume else []
+    enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
+    run = RUN[args.preset]
+    drive = ["--episodes", str(run["episodes"])] + (["--max-steps", str(run["max_steps"])] if run["max_steps"] else [])
+    collectors = [Stage(script, seeded + ["--out-dir", str(data[s])],
+                        outputs=[data[s] / "summary.json"])
+                  for script, s in (("collect_race_data", "race"), ("collect_recovery_data", "recovery"),
+                                    ("collect_data", "random"))]
+    return collectors + [
+        # The watcher looks for checkpoints every second (not 5), so the last epoch follows the encoder closely.
+        Stage("train_encoder", train + ["--out-dir", str(m)] + resume, list(data.values()),
+              [enc, m / "encoder_probes.json", m / "encoder_loss.png", m / "decoder.pth", v / "decoder_stats.jsonl"],
+              beside=train + ["--models-dir", str(m), "--out-dir", str(v), "--poll", "1"]),
+        Stage("train_predictor", train + ["--encoder", str(enc), "--out-dir", str(m)] + resume,
+              [enc, *data.values()], [pred, m / "predictor_stats.jsonl", m / "predictor_horizon.png",
+                                      m / "predictor_probes.json"]),
+        Stage("visualise_dream", train + ["--encoder", str(enc), "--predictor", str(pred), "--decoder",
+                                          str(m / "decoder.pth"), "--out-dir", str(w), "--out", "output_dream.gif"],
+              [enc, pred, m / "decoder.pth", *data.values()], [w / "output_dream.gif"]),
+        Stage("train_cost_model", train + ["--encoder", str(enc), "--out-dir", str(m)],
+              [enc, *data.values()], [cost, m / "cost_model_stats.json"]),
+        # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
+        Stage("drive_mpc", common + ["--headless", "--seed", "0", "--models-dir", str(m), *drive,
+                                     "--json", str(w / "drive.json"), "--record", str(w / "drive.mp4")],
+              [enc, pred, cost], [w / "drive.json", w / "drive.mp4"]),
+    ]
+
+
+def start(name: str, argv: list[str], logs: Path, threads: int | None = None) -> subprocess.Popen:
+    """Start <name>.py with stdout and stderr to logs/<name>.log (and `threads` CPU threads, if given)."""
+    cmd = [sys.executable, str(HERE / f"{name}.py"), *argv]
+    env = dict(os.environ)
+    if threads and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(logs / f"{name}.log", "w") as log:
+        log.write(f"$ {shlex.join(cmd)}\n\n")
+        log.flush()
+        # cwd is the work directory, so a path a script still takes from its defaults lands there, not in the repo.
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=logs.parent, env=env)
+
+
+def check(proc: subprocess.Popen, name: str, logs: Path) -> None:
+    if (rc := proc.wait()) != 0:
+        raise SystemExit(f"stage {name} failed with exit code {rc}; see {logs / f'{name}.log'}")
+
+
+def run_stage(stage: Stage, w: Path, resume: bool, grace_s: float) -> str | None:
+    """Run one stage (and its companion); exit naming the stage if it fails. Returns a note for the report."""
+    logs = w / "logs"
+    if stage.beside is None:
+        check(start(stage.name, stage.argv, logs), stage.name, logs)
+        return None
+    m, v = w / MODELS_DIR, w / VISUALS_DIR
+    # A fresh encoder run starts from a clean slate, so the watcher shows only this run's epochs (under
+    # --resume the epoch checkpoints stay: the encoder continues from them).
+    old = [m / "encoder_final.pth"]
+    if not resume:
+        old += [*m.glob("encoder_mixed_ep*.pth"), m / "decoder.pth", v / "decoder_stats.jsonl",
+                *v.glob("reconstruct_ep*.png")]
+    for p in old:
+        p.unlink(missing_ok=True)
+    # Encoder and watcher share the CPU cores: competing OpenMP pools were measured 4-70x slower.
+    half = max(1, (os.cpu_count() or 1) // 2)
+    watcher = start("train_decoder", stage.beside, logs, threads=half)
+    try:
+        check(start(stage.name, stage.argv, logs, threads=half), stage.name, logs)
+        try:
+            watcher.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:                    # killed in `finally`
+            note = (f"train_decoder did not stop within {grace_s:.0f} s after the encoder finished and was killed; "
+                    f"the reconstructions may miss the last epochs (see {logs / 'train_decoder.log'})")
+            print(f"  warning: {note}", flush=True)
+            return note
+        check(watcher, "train_decoder", logs)
+        return None
+    finally:
+        if watcher.poll() is None:             # overran, or the encoder failed or was interrupted: nothing to watch
+            watcher.kill()
+            watcher.wait()
+
+
+# ---------------------------------------------------------------- report
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _last_line(path: Path):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)     # noqa: E731
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(fmt(x) for x in row) + " |" for row in rows), ""]
+
+
+def _figure(w: Path, path: Path, alt: str) -> list[str]:
+    return [f"![{alt}]({path.relative_to(w).as_posix()})", ""] if path.exists() else []
+
+
+def plot_scores(drive: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(drive["scores"]) + 2), 3.5))
+    colours = ["tab:green" if lap else "tab:blue" for lap in drive["lap_finished"]]
+    ax.bar([str(s) for s in drive["seeds"]], drive["scores"], color=colours)
+    ax.axhline(drive["mean"], color="gray", ls="--", label=f"mean {drive['mean']:.1f}")
+    ax.set_xlabel("track seed (green: lap finished)"), ax.set_ylabel("score"), ax.legend()
+    ax.set_title("MPC drive scores on unseen tracks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[str]) -> None:
+    m, v = w / MODELS_DIR, w / VISUALS_DIR
+    out = [f"# TinyAutoJEPA pipeline, preset `{preset}`", "", *(f"> {n}\n" for n in notes),
+           "## Stages", "", *_table(["stage", "this run", "wall time of its last run (s)"],
+                                    [[s, status[s], timings.get(s, "-")] for s in STAGES])]
+    rows = [[src, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
+             s["off_road_share"], s["median_speed"], s.get("recovered_within_3s", "-")]
+            for src, d in DATA_DIRS.items() if (s := _json(w / d / "summary.json"))]
+    if rows:
+        out += ["## Data", "", *_table(["source", "episodes", "frames", "score", "laps", "off-road share",
+                                        "median speed", "mistakes recovered in 3 s"], rows)]
+    out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
+    if probes := _json(m / "encoder_probes.json"):
+        out += ["Linear probes on held-out episodes:", "", *_table(["probe", "value"], list(probes.items()))]
+    recon = sorted(v.glob("reconstruct_ep*.png"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    dec = _last_line(v / "decoder_stats.jsonl")
+    if recon or dec:
+        out += ["## Decoder (reconstruction from frozen latents)", ""]
+        if dec:
+            out += [f"Held-out PSNR after encoder epoch {dec['encoder_epoch']}: **{dec['psnr_db']} dB**.", ""]
+        out += _figure(w, recon[-1], "reconstructions") if recon else []
+    out += ["## Predictor", "", *_figure(w, m / "predictor_horizon.png", "prediction error vs horizon")]
+    if pred := _last_line(m / "predictor_stats.jsonl"):
+        keys = sorted({k for r in pred["val"].values() for k in r if k.startswith("ratio@")}, key=lambda k: int(k[6:]))
+        out += [f"Held-out error / copy-baseline error, epoch {pred['epoch']}:", "",
+                *_table(["source", *keys], [[s, *(r.get(k, "-") for k in keys)] for s, r in pred["val"].items()])]
+    if probes := _json(m / "predictor_probes.json"):
+        out += ["Probes through prediction:", "", *_table(["probe", "value"], list(probes.items()))]
+    if (w / "output_dream.gif").exists():
+        out += ["## Dreams", "", "Real future | dreams under the real actions, hard left, full throttle, hard right:",
+                "", *_figure(w, w / "output_dream.gif", "dream")]
+    if cost := _json(m / "cost_model_stats.json"):
+        val = cost["val"]
+        out += ["## Cost model (held-out)", "", *_table(
+            ["expert AUC", "expert ECE", "on-road accuracy", "progress R²"],
+            [[val["expert_auc"], val["expert_calibration"]["ece"], val["road_accuracy"], val["progress_r2"]]])]
+    if drive := _json(w / "drive.json"):
+        plot_scores(drive, w / "drive_scores.png")
+        cut = RUN[preset]["max_steps"]
+        out += ["## Drive (MPC on unseen tracks)", "",
+                f"Score **{drive['mean']:.1f} ± {drive['std']:.1f}** over {len(drive['scores'])} track(s); "
+                f"laps finished {sum(drive['lap_finished'])}/{len(drive['scores'])}; planning "
+                f"{drive.get('plan_ms_median', '-')} ms median, {drive.get('plan_ms_p95', '-')} ms p95."
+                + (f" Each drive was stopped after {cut} control steps, so these scores are partial." if cut else ""),
+                "",
+                *_table(["track seed", "score", "tiles fraction", "lap finished"],
+                        [list(r) for r in zip(drive["seeds"], drive["scores"], drive["tiles_fraction"],
+                                              drive["lap_finished"])]),
+                *_figure(w, w / "drive_scores.png", "drive scores")]
+        out += ["[Video of the first drive](drive.mp4)", ""] if (w / "drive.mp4").exists() else []
+    (w / "report.md").write_text("\n".join(out))
+
+
+# ---------------------------------------------------------------- main
+def main(args):
+    w = Path(args.out_dir or f"runs/{args.preset}").resolve()
+    (w / "logs").mkdir(parents=True, exist_ok=True)
+    timings_path = w / "logs" / "timings.json"
+    timings = _json(timings_path) or {}
+    forced = set(args.force or [])
+    status, notes = {}, []
+    for stage in stages(args, w):
+        why = "forced" if stage.name in forced else stale(stage.inputs, stage.outputs)
+        if why is None:
+            status[stage.name] = "skipped"
+            print(f"{stage.name:<22} skipped (outputs up to date)", flush=True)
+            continue
+        print(f"{stage.name:<22} running ({why}) ...", flush=True)
+        t0 = time.perf_counter()
+        if note := run_stage(stage, w, args.resume, RUN[args.preset]["decoder_grace_s"]):
+            notes.append(note)
+        timings[stage.name] = round(time.perf_counter() - t0, 1)
+        status[stage.name] = "ran"
+        # Saved after every stage, so the report of a later, resumed run still has the times.
+        timings_path.write_text(json.dumps(timings, indent=1))
+        print(f"{stage.name:<22} ran in {timings[stage.name]:.1f} s", flush=True)
+    write_report(w, args.preset, status, timings, notes)
+    print(f"report: {w / 'report.md'}")
+
+
+def parser():
+    p = common_parser(__doc__.splitlines()[0])
+    p.add_argument("--workdir", dest="out_dir", metavar="DIR",
+                   help="where everything goes (default: runs/<preset>); the same as --out-dir")
+    p.add_argument("--force", action="append", choices=STAGES, metavar="STAGE",
+                   help=f"rerun this stage even if its outputs are up to date (repeatable): {', '.join(STAGES)}")
+    return p
+
+
+if __name__ == "__main__":
+    main(parser().parse_args())

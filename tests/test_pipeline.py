@@ -1,0 +1,133 @@
+"""pipeline.py: the staleness rule, a failing stage, and the tiny preset end to end (run, resume, --force)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import pytest
+
+from conftest import ROOT
+import pipeline
+
+# One thread per process: on a CPU shared with other jobs, torch's default of one thread per core
+# spin-waits against them (the tiny encoder ran 5x and MPC planning 70x slower here without this).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_pipeline(workdir, *extra, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--preset", "tiny", "--workdir", str(workdir),
+                           *extra], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def statuses(stdout: str) -> dict:
+    """{stage: "ran" | "skipped"} from the pipeline's one line per stage."""
+    out = {}
+    for line in stdout.splitlines():
+        name, _, rest = line.partition(" ")
+        if name in pipeline.STAGES and rest.strip().startswith(("ran", "skipped")):
+            out[name] = rest.split()[0]
+    return out
+
+
+# ---------------------------------------------------------------- the staleness rule
+def touch(path, t):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x")
+    os.utime(path, ns=(t * 10 ** 9, t * 10 ** 9))
+    return path
+
+
+def test_outputs_older_than_an_input_are_stale(tmp_path):
+    a, out1, out2 = touch(tmp_path / "in", 100), touch(tmp_path / "o1", 200), touch(tmp_path / "o2", 300)
+    assert pipeline.stale([a], [out1, out2]) is None
+    touch(a, 250)                                            # newer than o1, older than o2: still stale
+    assert "in is newer than o1" in pipeline.stale([a], [out1, out2])
+    assert "no o3" in pipeline.stale([a], [out1, tmp_path / "o3"])
+    assert pipeline.stale([], [out1]) is None               # a collector: outputs that exist are enough
+    assert "missing" in pipeline.stale([tmp_path / "gone"], [out1])
+
+
+def test_a_folder_counts_as_its_newest_visible_file(tmp_path):
+    data, out = tmp_path / "data", touch(tmp_path / "model", 200)
+    touch(data / "ep0.npz", 100)
+    touch(data / ".cache" / "latents.f32", 500)              # caches later stages write are not data
+    touch(data / ".lock", 500)
+    assert pipeline.stale([data], [out]) is None
+    touch(data / "summary.json", 300)
+    assert "data is newer than model" in pipeline.stale([data], [out])
+    (tmp_path / "empty").mkdir()
+    assert "missing" in pipeline.stale([tmp_path / "empty"], [out])    # a folder with no data in it yet
+
+
+def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_path):
+    args = Namespace(preset="tiny", device="auto", seed=0, workers=None, resume=False)
+    built = pipeline.stages(args, tmp_path)
+    assert [s.name for s in built] == list(pipeline.STAGES)
+    for s in built:
+        assert all(tmp_path in p.parents for p in s.outputs), s.name
+        assert (ROOT / f"{s.name}.py").exists()
+    made = {p for s in built for p in s.outputs}
+    for i, s in enumerate(built):                            # every input is made by an earlier stage
+        earlier = {p for e in built[:i] for p in e.outputs} | {p.parent for e in built[:i] for p in e.outputs}
+        assert all(p in earlier for p in s.inputs), s.name
+    assert tmp_path / "drive.json" in made and tmp_path / "output_dream.gif" in made
+
+
+# ---------------------------------------------------------------- failures
+def test_a_failing_stage_stops_the_pipeline_naming_it(tmp_path):
+    for folder in ("data_race", "data_recovery", "data"):    # "collected", but without a single episode
+        touch(tmp_path / folder / "summary.json", int(time.time()))
+    r = run_pipeline(tmp_path, timeout=120)
+    assert r.returncode != 0
+    assert "stage train_encoder failed with exit code" in r.stderr
+    assert str(tmp_path / "logs" / "train_encoder.log") in r.stderr
+    assert (tmp_path / "logs" / "train_encoder.log").read_text().strip()
+    assert statuses(r.stdout) == {"collect_race_data": "skipped", "collect_recovery_data": "skipped",
+                                  "collect_data": "skipped"}
+
+
+# ---------------------------------------------------------------- the tiny preset end to end
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pipeline")
+    t0 = time.perf_counter()
+    r = run_pipeline(workdir)
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    print(f"tiny pipeline: {time.perf_counter() - t0:.1f} s\n{r.stdout}")
+    return workdir, r
+
+
+def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
+    w, r = tiny_run
+    assert statuses(r.stdout) == {s: "ran" for s in pipeline.STAGES}
+    drive = json.loads((w / "drive.json").read_text())
+    assert len(drive["scores"]) == 1
+    assert (w / "output_dream.gif").stat().st_size > 0 and (w / "drive.mp4").stat().st_size > 0
+    assert list((w / "visuals").glob("reconstruct_ep*.png"))
+    assert all((w / "logs" / f"{s}.log").exists() for s in (*pipeline.STAGES, "train_decoder"))
+    report = (w / "report.md").read_text()
+    assert f"Score **{drive['mean']:.1f} ± {drive['std']:.1f}**" in report
+    for link in ("models/encoder_loss.png", "visuals/reconstruct_ep", "models/predictor_horizon.png",
+                 "output_dream.gif", "drive_scores.png", "(drive.mp4)"):
+        assert link in report, link
+    assert (w / "drive_scores.png").exists()
+
+
+def test_a_second_run_skips_every_stage(tiny_run):
+    w, _ = tiny_run
+    t0 = time.perf_counter()
+    r = run_pipeline(w)
+    assert r.returncode == 0, r.stderr
+    assert statuses(r.stdout) == {s: "skipped" for s in pipeline.STAGES}
+    assert time.perf_counter() - t0 < 15
+    assert "| train_encoder | skipped |" in (w / "report.md").read_text()
+
+
+def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
+    w, _ = tiny_run
+    r = run_pipeline(w, "--force", "train_cost_model")
+    assert r.returncode == 0, r.stderr
+    ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
+    assert ran == {"train_cost_model", "drive_mpc"}
