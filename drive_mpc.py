@@ -52,7 +52,7 @@ class MPCPolicy:
         self.plan = np.zeros((self.horizon, 2), np.float32)   # (steer, longitudinal) per step
         self.elites = None
 
-    def energy(self, hist, seqs: np.ndarray) -> "torch.Tensor":
+    def energy(self, hist, seqs: np.ndarray):
         """hist [1,history+1,D], seqs [N,H,2] -> energy [N] of each sequence's predicted future."""
         torch = self.torch
         actions = torch.from_numpy(longitudinal_to_action(seqs[..., 0], seqs[..., 1])).to(self.device)  # [N,H,3]

@@ -52,15 +52,19 @@ def prepare_frames(obs: torch.Tensor, hud: str = "mask_score") -> torch.Tensor:
 class TinyEncoder(nn.Module):
     """ResNet18 (torchvision BasicBlocks, 2-2-2-2) for 64x64 frames: 3x3 stride-2 stem, no max-pool.
 
-    [B,3,64,64] -> stem [B,w,32,32] -> layers [B,8w,4,4] -> global average pool -> [B,8w] -> latent [B,D].
+    [B,3(+2 coordinate),64,64] -> stem [B,w,32,32] -> layers [B,8w,4,4] -> global average pool -> [B,8w]
+    -> latent [B,D].
     width=64, latent=512 is the seed's ResNet18; smaller widths make the CPU presets.
     """
 
-    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_score"):
+    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_score", coords: bool = True):
         super().__init__()
-        self.config = {"width": width, "latent": latent, "hud": hud}
-        self.hud = hud
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+        self.config = {"width": width, "latent": latent, "hud": hud, "coords": coords}
+        self.hud, self.coords = hud, coords
+        # Pixel coordinates as two extra input channels (CoordConv, Liu et al. 2018): the camera follows
+        # the car, so *where* the road is in the frame is the lateral offset and heading, and a globally
+        # pooled latent keeps that only if the features can say where they are.
+        self.stem = nn.Sequential(nn.Conv2d(3 + 2 * coords, width, 3, stride=2, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         layers, c_in = [], width
         for i, c in enumerate([width, 2 * width, 4 * width, 8 * width]):
@@ -75,6 +79,10 @@ class TinyEncoder(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = prepare_frames(obs, self.hud)
+        if self.coords:
+            ramp = torch.linspace(-1, 1, x.shape[-1], device=x.device, dtype=x.dtype)
+            grid = torch.stack([ramp.view(1, -1).expand(x.shape[-2], -1), ramp.view(-1, 1).expand(-1, x.shape[-1])])
+            x = torch.cat([x, grid.expand(len(x), -1, -1, -1)], 1)                 # [B,5,64,64]
         if x.is_cuda:                        # channels_last helps GPU convolutions; on CPU it was 3x slower
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.layers(self.stem(x))

@@ -43,6 +43,15 @@ def write_synthetic(folder, n_episodes: int, rows: int, tag0: int = 0, k: int = 
     return paths
 
 
+def write_sources(root, episodes: int = 3, rows: int = 30, tag_step: int = 60) -> dict:
+    """race / recovery / random folders of synthetic episodes; source j's tags start at j * tag_step."""
+    dirs = {}
+    for j, name in enumerate(["race", "recovery", "random"]):
+        dirs[name] = str(Path(root) / name)
+        write_synthetic(dirs[name], episodes, rows, tag0=tag_step * j)
+    return dirs
+
+
 @pytest.fixture
 def three_sources(tmp_path):
     """Sources of very different sizes: 2, 6 and 12 episodes of 30 rows, tags 0.., 100.., 200.."""

@@ -13,7 +13,7 @@ import pytest
 from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode, sim_state, to_model_frame
 from collect_data import RandomExplorer
 from collect_recovery_data import MistakeExpert
-from collection import run_collection, summarise, track_seed
+from collection import run_collection, track_seed
 from conftest import ROOT
 from data_loader import finished_episodes, read_episode
 from presets import EVAL_SEED_LIMIT

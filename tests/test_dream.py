@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_synthetic
+from conftest import write_sources
 from models import CheckpointError, Predictor, TinyDecoder, TinyEncoder, save_checkpoint
 import visualise_dream as vd
 from train_predictor import latent_caches
@@ -15,10 +15,7 @@ H = 4
 @pytest.fixture
 def setup(tmp_path):
     """Three sources of 3 episodes x 30 rows and tiny checkpoints -> command-line arguments for them."""
-    dirs = {}
-    for j, name in enumerate(["race", "recovery", "random"]):
-        dirs[name] = str(tmp_path / name)
-        write_synthetic(dirs[name], 3, 30, tag0=10 * j)
+    dirs = write_sources(tmp_path, rows=30, tag_step=10)
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "enc.pth", "encoder", TinyEncoder(width=8, latent=16))
     save_checkpoint(tmp_path / "dec.pth", "decoder", TinyDecoder(latent=16, width=8))

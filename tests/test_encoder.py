@@ -9,7 +9,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from conftest import ROOT, write_synthetic
+from conftest import ROOT, write_sources
 from models import CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
 import train_decoder
 import train_encoder
@@ -19,11 +19,7 @@ from train_encoder import augment, effective_rank, vicreg_terms
 @pytest.fixture
 def tiny_data(tmp_path):
     """Three sources of 3 episodes x 30 rows (synthetic pixels)."""
-    dirs = {}
-    for j, name in enumerate(["race", "recovery", "random"]):
-        dirs[name] = str(tmp_path / name)
-        write_synthetic(dirs[name], 3, 30, tag0=60 * j)
-    return dirs
+    return write_sources(tmp_path, rows=30, tag_step=60)
 
 
 def encoder_args(dirs, out, *extra):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_synthetic
+from conftest import write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache
 from models import Predictor, TinyEncoder, save_checkpoint
 import train_predictor
@@ -20,11 +20,7 @@ def tag_encode(frames):
 
 @pytest.fixture
 def sources(tmp_path):
-    dirs = {}
-    for j, name in enumerate(["race", "recovery", "random"]):
-        dirs[name] = str(tmp_path / name)
-        write_synthetic(dirs[name], 3, 25, tag0=10 * j)
-    return dirs
+    return write_sources(tmp_path, rows=25, tag_step=10)
 
 
 def test_rollout_feeds_on_its_own_outputs():
