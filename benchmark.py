@@ -9,6 +9,8 @@ Each row runs in its own subprocess, so its peak RSS is its own. Rows:
   scaling    whole-run env frames/s of the collection runner with 1 worker and with all workers
   loader     frames/s and H=15 windows/s from the frame cache (balanced batches)
   encoder    VICReg training images/s of the encoder at the chosen preset (random frames)
+  predictor  T+15 predictor training windows/s at the chosen preset
+  planning   MPC milliseconds per decision (1,000 x 15) at the small and full sizes, both planners
 """
 from __future__ import annotations
 
@@ -135,8 +137,50 @@ def bench_encoder(preset_name: str, device: str, steps: int) -> dict:
             "encoder_images_per_s": steps * b / (time.perf_counter() - t0)}
 
 
-SECTIONS = {"env": bench_env, "collector": bench_collector, "scaling": bench_scaling,
-            "loader": bench_loader, "encoder": bench_encoder}
+def bench_predictor(preset_name: str, device: str, steps: int) -> dict:
+    """Predictor training windows/s: H=15 rollouts on latents (what train_predictor.py does after caching)."""
+    import torch
+    from models import Predictor
+    from presets import pick_device, preset
+    cfg, enc = preset(preset_name)["predictor"], preset(preset_name)["encoder"]
+    dev = torch.device(pick_device(device))
+    model = Predictor(enc["latent"], cfg["hidden"], cfg["layers"]).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    b = cfg["batch_size"]
+    z, a = torch.randn(b, 17, enc["latent"], device=dev), torch.rand(b, 15, 3, device=dev)
+    t0 = time.perf_counter()
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        loss = ((model.rollout(z[:, :2], a) - z[:, 2:]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"preset": preset_name, "predictor_windows_per_s": steps * b / (time.perf_counter() - t0)}
+
+
+def bench_planning(preset_name: str, device: str, planner: str, plans: int) -> dict:
+    """Milliseconds per MPC decision: encode one frame, 1,000 sequences x 15 steps, judge, pick."""
+    import numpy as np
+    import torch
+    from drive_mpc import MPCPolicy
+    from models import CostModel, Predictor, TinyEncoder
+    from presets import pick_device, preset
+    p = preset(preset_name)
+    dev = torch.device(pick_device(device))
+    lat = p["encoder"]["latent"]
+    policy = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat).to(dev),
+                       Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]).to(dev),
+                       CostModel(lat, p["cost"]["hidden"]).to(dev), dev, planner=planner)
+    policy.reset(np.random.default_rng(0))
+    frame = np.zeros((64, 64, 3), np.uint8)
+    ms = [float(policy.act(frame)[1]["plan_ms"]) for _ in range(plans + 2)][2:]      # 2 warm-up plans
+    return {"preset": preset_name, "planner": planner, "plan_ms_median": float(np.median(ms)),
+            "plan_ms_p95": float(np.percentile(ms, 95))}
+
+
+SECTIONS = {"env": bench_env, "collector": bench_collector, "scaling": bench_scaling, "loader": bench_loader,
+            "encoder": bench_encoder, "predictor": bench_predictor, "planning": bench_planning}
 
 
 def run_section(name: str, **kwargs) -> dict:
@@ -157,13 +201,16 @@ def main(args):
     plan = [("env", {"frames": 1500}), ("collector", {"steps": 300}),
             ("scaling", {"workers": 1, "episodes": 2, "steps": 150}),
             ("scaling", {"workers": workers, "episodes": 2 * workers, "steps": 150}),
-            ("loader", {"seconds": 5.0}), ("encoder", {"preset_name": args.preset, "device": args.device, "steps": 10})]
+            ("loader", {"seconds": 5.0}), ("encoder", {"preset_name": args.preset, "device": args.device, "steps": 10}),
+            ("predictor", {"preset_name": args.preset, "device": args.device, "steps": 20})]
+    plan += [("planning", {"preset_name": size, "device": args.device, "planner": planner, "plans": 10})
+             for size in ("small", "full") for planner in ("shooting", "icem")]
     for name, kw in plan:
         r = run_section(name, **kw)
         rows.append({"section": name, **r})
         print(f"{name:<10} " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in r.items()), flush=True)
-    by = {r["section"]: r for r in rows}
+    by = {r["section"]: r for r in rows}                     # the last row of each section
     ratio = by["loader"]["loader_frames_per_s"] / by["encoder"]["encoder_images_per_s"]
     print(f"\nloader frames/s / encoder images/s = {ratio:.1f}x  (must be >= 3x)")
     print(f"collector frames/s per worker / bare env steps/s = "
