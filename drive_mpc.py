@@ -60,7 +60,12 @@ class MPCPolicy:
         z = self.predictor.rollout(hist.expand(n, -1, -1), actions)                                  # [N,H,D]
         prev = torch.cat([hist[:, -1:].expand(n, 1, -1), z[:, :-1]], 1)                               # [N,H,D]
         out = self.cost(prev, z)                                                                      # [N,H] each
-        step = (-self.w[0] * out["progress"] + self.w[1] * (1 - torch.sigmoid(out["road"]))
+        p_road = torch.sigmoid(out["road"])
+        # Progress counts only while the car is predicted to have stayed on the road so far: a dream that
+        # leaves the road at step 3 earns nothing for speed after it (measured: plain summed progress
+        # drove off the road for speed).
+        survival = torch.cumprod(p_road, 1)
+        step = (-self.w[0] * out["progress"].clamp_min(0) * survival + self.w[1] * (1 - p_road)
                 + self.w[2] * (1 - torch.sigmoid(out["expert"])))
         return (step * self.discount).sum(1)
 
