@@ -54,7 +54,7 @@ class MPCPolicy:
 
     def energy(self, hist, seqs: np.ndarray):
         """hist [1,history+1,D], seqs [N,H,2] -> energy [N] of each sequence's predicted future."""
-        torch = self.torch
+        torch, F = self.torch, self.torch.nn.functional
         actions = torch.from_numpy(longitudinal_to_action(seqs[..., 0], seqs[..., 1])).to(self.device)  # [N,H,3]
         n = len(seqs)
         z = self.predictor.rollout(hist.expand(n, -1, -1), actions)                                  # [N,H,D]
@@ -65,8 +65,10 @@ class MPCPolicy:
         # leaves the road at step 3 earns nothing for speed after it (measured: plain summed progress
         # drove off the road for speed).
         survival = torch.cumprod(p_road, 1)
-        step = (-self.w[0] * out["progress"].clamp_min(0) * survival + self.w[1] * (1 - p_road)
-                + self.w[2] * (1 - torch.sigmoid(out["expert"])))
+        # -log p rather than 1 - p: it keeps growing the further a dream looks from the road or from
+        # expert driving, so a car already off the road still sees which way is better.
+        step = (-self.w[0] * out["progress"].clamp_min(0) * survival + self.w[1] * F.softplus(-out["road"])
+                + self.w[2] * F.softplus(-out["expert"]))
         return (step * self.discount).sum(1)
 
     def _noise(self, n: int) -> np.ndarray:

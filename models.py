@@ -57,9 +57,13 @@ class TinyEncoder(nn.Module):
     width=64, latent=512 is the seed's ResNet18; smaller widths make the CPU presets.
     """
 
-    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_score", coords: bool = True):
+    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_score", coords: bool = True,
+                 pool: str = "avg"):
         super().__init__()
-        self.config = {"width": width, "latent": latent, "hud": hud, "coords": coords}
+        if pool not in ("avg", "flatten"):
+            raise ValueError(f"pool must be avg or flatten, got {pool!r}")
+        self.config = {"width": width, "latent": latent, "hud": hud, "coords": coords, "pool": pool}
+        self.pool = pool
         self.hud, self.coords = hud, coords
         # Pixel coordinates as two extra input channels (CoordConv, Liu et al. 2018): the camera follows
         # the car, so *where* the road is in the frame is the lateral offset and heading, and a globally
@@ -74,7 +78,10 @@ class TinyEncoder(nn.Module):
             layers += [BasicBlock(c_in, c, stride, down), BasicBlock(c, c)]
             c_in = c
         self.layers = nn.Sequential(*layers)
-        self.head = nn.Identity() if latent == 8 * width else nn.Linear(8 * width, latent)
+        # "avg": the seed's global average pool; "flatten": a linear map of the whole [8w,4,4] map, which
+        # keeps where things are (the probes decide; README, "What the encoder sees").
+        feat = 8 * width * (16 if pool == "flatten" else 1)
+        self.head = nn.Identity() if latent == feat else nn.Linear(feat, latent)
         self.latent = latent
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
@@ -85,8 +92,10 @@ class TinyEncoder(nn.Module):
             x = torch.cat([x, grid.expand(len(x), -1, -1, -1)], 1)                 # [B,5,64,64]
         if x.is_cuda:                        # channels_last helps GPU convolutions; on CPU it was 3x slower
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.layers(self.stem(x))
-        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        x = self.layers(self.stem(x))                                            # [B,8w,4,4]
+        if self.pool == "avg":
+            x = F.adaptive_avg_pool2d(x, 1)
+        return self.head(torch.flatten(x, 1))
 
 
 class Expander(nn.Module):
@@ -315,6 +324,11 @@ def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict)
             m_tr, m_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
         probe = LinearProbe("ridge").fit(z_tr[m_tr], s_tr[key][m_tr])
         out[f"{key}_r2"] = round(probe.score(z_va[m_va], s_va[key][m_va]), 4)
+    # A heading is an angle: a car facing backwards is at +-pi, one value the raw number splits in two,
+    # so sin(heading) is reported too (left/right of the track direction, continuous everywhere).
+    m_tr, m_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
+    probe = LinearProbe("ridge").fit(z_tr[m_tr], torch.sin(s_tr["heading_err"][m_tr]))
+    out["heading_sin_r2"] = round(probe.score(z_va[m_va], torch.sin(s_va["heading_err"][m_va])), 4)
     probe = LinearProbe("logistic").fit(z_tr, s_tr["on_road"])
     out["on_road_acc"] = round(probe.score(z_va, s_va["on_road"]), 4)
     share = float(s_va["on_road"].float().mean())

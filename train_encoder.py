@@ -179,7 +179,7 @@ def main(args):
     batches = BalancedBatches(train, args.batch_size, kind=kind, horizon=horizon, seed=args.seed,
                               batches_per_epoch=args.batches_per_epoch, rank=rank, world_size=world)
 
-    encoder = TinyEncoder(args.width, args.latent, args.hud, not args.no_coords).to(device)
+    encoder = TinyEncoder(args.width, args.latent, args.hud, not args.no_coords, args.pool).to(device)
     expander = Expander(args.latent, args.expander).to(device)
     params = list(encoder.parameters()) + list(expander.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr * args.batch_size * world / 256, weight_decay=args.weight_decay)
@@ -313,6 +313,8 @@ def parser():
     g.add_argument("--hud", default="mask_score", choices=["keep", "mask_score", "mask"],
                    help="what the encoder sees of the heads-up display")
     g.add_argument("--no-coords", action="store_true", help="no pixel-coordinate input channels")
+    g.add_argument("--pool", default="avg", choices=["avg", "flatten"],
+                   help="global average pool, or a linear map of the whole final feature map")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
