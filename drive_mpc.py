@@ -133,6 +133,9 @@ def load_mpc(spec: dict):
         if ckpt.get("encoder_hash") != key:
             raise CheckpointError(f"{stage.replace('train_', '').replace('.py', '')} checkpoint was trained on "
                                   f"another encoder than {spec['encoder']}: run {stage} again")
+    if cost_ckpt.get("predictor_hash", file_hash(spec["predictor"])) != file_hash(spec["predictor"]):
+        raise CheckpointError(f"the cost model learned from another predictor's dreams than {spec['predictor']}: "
+                              "run train_cost_model.py again")
     return MPCPolicy(build(enc_ckpt, device), build(pred_ckpt, device), build(cost_ckpt, device), device,
                      **spec["mpc"])
 

@@ -107,8 +107,8 @@ def stages(args, w: Path) -> list[Stage]:
         Stage("visualise_dream", train + ["--encoder", str(enc), "--predictor", str(pred), "--decoder",
                                           str(m / "decoder.pth"), "--out-dir", str(w), "--out", "output_dream.gif"],
               [enc, pred, m / "decoder.pth", *data.values()], [w / "output_dream.gif"]),
-        Stage("train_cost_model", train + ["--encoder", str(enc), "--out-dir", str(m)],
-              [enc, *data.values()], [cost, m / "cost_model_stats.json"]),
+        Stage("train_cost_model", train + ["--encoder", str(enc), "--predictor", str(pred), "--out-dir", str(m)],
+              [enc, pred, *data.values()], [cost, m / "cost_model_stats.json"]),
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
         Stage("drive_mpc", common + ["--headless", "--seed", "0", "--models-dir", str(m), *drive,
                                      "--json", str(w / "drive.json"), "--record", str(w / "drive.mp4")],

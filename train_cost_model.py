@@ -5,8 +5,11 @@
 
 Trains from the latent cache (the same one train_predictor.py builds), on transitions (z_t, z_{t+1})
 inside episodes. Heads: expert logit (race = 1, random = 0; recovery excluded by default), on-road
-logit at t+1 (all sources), and tiles reached in the control period (all sources). Held-out episodes
-give ROC AUC and calibration; output models/cost_model_final.pth and models/cost_model_stats.json.
+logit at t+1 (all sources), and tiles reached in the control period (all sources). By default it also
+trains on transitions between the predictor's own 15-step dreams (labelled with what really happened),
+since those are what the planner asks it to judge; so it runs after train_predictor.py. Held-out
+episodes give ROC AUC and calibration, on true and on predicted latents; output
+models/cost_model_final.pth and models/cost_model_stats.json.
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import CostModel, save_checkpoint
+from models import CostModel, build, load_checkpoint, save_checkpoint
 from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
-from train_predictor import latent_caches
+from train_predictor import file_hash, latent_caches
 
 
 def transitions(cache, recovery_label: str) -> dict:
@@ -37,6 +40,35 @@ def transitions(cache, recovery_label: str) -> dict:
                       "road": w["on_road"][:, 1].astype(np.float32),
                       "progress": np.clip(w["tiles"][:, 1] - w["tiles"][:, 0], 0, 10).astype(np.float32),
                       "source": np.full(len(rows), s)})
+    return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+
+
+@torch.no_grad()
+def predicted_transitions(cache, predictor, per_source: int, recovery_label: str, device, seed: int,
+                          h: int = 15) -> dict:
+    """Transitions between *predicted* latents (H-step rollouts under the actions really taken), labelled
+    with what really happened at each step. The planner judges predictions, which blur with the horizon;
+    training on them too teaches the judge what a blurry dream of leaving the road looks like."""
+    rng = np.random.default_rng(seed)
+    hist = predictor.config["history"]
+    parts = []
+    for s, name in enumerate(cache.data.names):
+        pool = cache.windows(s, h, hist)
+        if not len(pool):
+            continue
+        w = cache.gather(s, np.sort(rng.choice(pool, min(per_source, len(pool)), replace=False)), h, hist)
+        z = torch.from_numpy(w["z"]).to(device)                                 # [N,hist+1+H,D]
+        pred = predictor.rollout(z[:, :hist + 1], torch.from_numpy(w["action"]).to(device)).cpu()   # [N,H,D]
+        prev = torch.cat([z[:, hist:hist + 1].cpu(), pred[:, :-1]], 1)
+        road = w["on_road"][:, 1:].astype(np.float32)                           # [N,H] truth at t+1..t+H
+        expert = np.full(road.shape, 1.0 if name == "race" else 0.0, np.float32)
+        use = np.full(road.shape, name != "recovery")
+        if name == "recovery" and recovery_label == "on_road":
+            expert, use = road.copy(), np.ones(road.shape, bool)
+        parts.append({"z0": prev.flatten(0, 1).numpy(), "z1": pred.flatten(0, 1).numpy(),
+                      "expert": expert.ravel(), "use_expert": use.ravel(), "road": road.ravel(),
+                      "progress": np.clip(np.diff(w["tiles"], axis=1), 0, 10).astype(np.float32).ravel(),
+                      "source": np.full(road.size, s)})
     return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
 
 
@@ -90,6 +122,19 @@ def main(args):
     dirs = data_dirs(args)
     train_cache, val_cache, enc = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     train, val = transitions(train_cache, args.recovery_label), transitions(val_cache, args.recovery_label)
+    extra = {}
+    if args.on_predictions:
+        pred_ckpt = load_checkpoint(args.predictor, "predictor", device, stage="train_predictor.py")
+        if pred_ckpt.get("encoder_hash") != train_cache.key:
+            raise SystemExit(f"{args.predictor} was trained on another encoder: run train_predictor.py again")
+        predictor = build(pred_ckpt, device).eval()
+        h = pred_ckpt.get("horizon", 15)
+        dreamt = predicted_transitions(train_cache, predictor, args.on_predictions, args.recovery_label, device,
+                                       args.seed, h)
+        val_dreamt = predicted_transitions(val_cache, predictor, args.on_predictions, args.recovery_label, device,
+                                           args.seed + 1, h)
+        train = {k: torch.cat([train[k], dreamt[k]]) for k in train}
+        extra = {"predictor_hash": file_hash(args.predictor)}
     model = CostModel(enc["config"]["latent"], args.hidden).to(device)
     model.set_normalisation(train["z0"].mean(0).to(device), train["z0"].std(0).to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -112,17 +157,24 @@ def main(args):
             opt.step()
     val = {k: v.to(device) for k, v in val.items()}
     stats = {"val": evaluate(model, val), "train": evaluate(model, {k: v.to(device) for k, v in train.items()}),
+             "val_on_predictions": evaluate(model, {k: v.to(device) for k, v in val_dreamt.items()})
+             if args.on_predictions else None,
              "recovery_label": args.recovery_label, "train_transitions": n, "val_transitions": len(val["z0"])}
     print(json.dumps({k: v for k, v in stats["val"].items() if k != "expert_calibration"}
                      | {"ece": stats["val"]["expert_calibration"]["ece"]}))
     atomic_write(out / "cost_model_stats.json", lambda f: f.write(json.dumps(stats, indent=1).encode()))
-    save_checkpoint(out / "cost_model_final.pth", "cost", model, encoder_hash=train_cache.key, stats=json.dumps(stats))
+    save_checkpoint(out / "cost_model_final.pth", "cost", model, encoder_hash=train_cache.key,
+                    stats=json.dumps(stats), **extra)
 
 
 def parser():
     p = common_parser(__doc__.splitlines()[0])
     p.set_defaults(out_dir=MODELS_DIR)
     p.add_argument("--encoder", default=f"{MODELS_DIR}/encoder_final.pth", help="frozen encoder checkpoint")
+    p.add_argument("--predictor", default=f"{MODELS_DIR}/predictor_final.pth",
+                   help="its rollouts add judged dreams to the training data (see --on-predictions)")
+    p.add_argument("--on-predictions", type=int, default=2000,
+                   help="15-step rollouts per source to train on beside true transitions (0: true only)")
     add_data_args(p)
     p.add_argument("--recovery-label", default="exclude", choices=["exclude", "on_road"],
                    help="recovery frames: left out of the expert head, or expert exactly when on the road")

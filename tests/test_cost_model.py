@@ -1,0 +1,58 @@
+"""The judge: its metrics are honest, and it trains on true and on dreamt transitions."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_sources
+from data_loader import EpisodeData, LatentCache
+from models import Predictor, TinyEncoder, load_checkpoint, save_checkpoint
+import train_cost_model
+from train_cost_model import calibration, predicted_transitions, roc_auc
+from train_predictor import file_hash
+
+
+def test_roc_auc_is_the_ranking_probability():
+    y = torch.tensor([0, 0, 1, 1])
+    assert roc_auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), y) == 1.0
+    assert roc_auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), y) == 0.0
+    assert roc_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), y) == 0.5                # ties count half
+    g = torch.Generator().manual_seed(0)
+    assert abs(roc_auc(torch.rand(4000, generator=g), torch.rand(4000, generator=g) > 0.5) - 0.5) < 0.03
+
+
+def test_calibration_error_is_zero_when_calibrated_and_large_when_not():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(20000, generator=g)
+    label = torch.rand(20000, generator=g) < p
+    assert calibration(p, label)["ece"] < 0.02
+    assert calibration(torch.full((1000,), 0.95), torch.zeros(1000))["ece"] == pytest.approx(0.95)
+
+
+def test_dreamt_transitions_line_up_with_what_really_happened(tmp_path):
+    dirs = write_sources(tmp_path, rows=25, tag_step=10)
+    cache = LatentCache(EpisodeData(dirs, "all"), "k", 4, lambda f: np.zeros((len(f), 4), np.float32))
+    t = predicted_transitions(cache, Predictor(4, 8, 1, 1), per_source=5, recovery_label="exclude",
+                              device="cpu", seed=0, h=6)
+    n = 3 * 5 * 6                                                       # sources x windows x steps
+    assert t["z0"].shape == (n, 4) and t["z1"].shape == (n, 4) and len(t["road"]) == n
+    assert set(t["expert"][t["source"] == 0].tolist()) == {1.0} and not t["use_expert"][t["source"] == 1].any()
+
+
+def test_train_cost_model_end_to_end_records_what_it_learned_from(tmp_path):
+    dirs = write_sources(tmp_path, rows=30)
+    enc = tmp_path / "encoder_final.pth"
+    save_checkpoint(enc, "encoder", TinyEncoder(width=8, latent=16))
+    pred = tmp_path / "predictor_final.pth"
+    save_checkpoint(pred, "predictor", Predictor(16, 16, 1, 1), encoder_hash=file_hash(enc), horizon=5)
+    args = train_cost_model.parser().parse_args(
+        ["--preset", "tiny", "--device", "cpu", "--encoder", str(enc), "--predictor", str(pred), "--out-dir",
+         str(tmp_path), "--val-frac", "0.34", "--on-predictions", "10",
+         *[x for s, d in dirs.items() for x in (f"--{s}-dir", d)]])
+    train_cost_model.main(args)
+    ckpt = load_checkpoint(tmp_path / "cost_model_final.pth", "cost")
+    assert ckpt["encoder_hash"] == file_hash(enc) and ckpt["predictor_hash"] == file_hash(pred)
+    stats = json.loads((tmp_path / "cost_model_stats.json").read_text())
+    assert {"expert_auc", "road_accuracy", "progress_r2", "expert_calibration"} <= set(stats["val"])
+    assert stats["val_on_predictions"] is not None
