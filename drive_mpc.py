@@ -67,7 +67,7 @@ class MPCPolicy:
         survival = torch.cumprod(p_road, 1)
         # -log p rather than 1 - p: it keeps growing the further a dream looks from the road or from
         # expert driving, so a car already off the road still sees which way is better.
-        step = (-self.w[0] * out["progress"].clamp_min(0) * survival + self.w[1] * F.softplus(-out["road"])
+        step = (-self.w[0] * out["progress"] * survival + self.w[1] * F.softplus(-out["road"])
                 + self.w[2] * F.softplus(-out["expert"]))
         return (step * self.discount).sum(1)
 
