@@ -12,6 +12,7 @@ import numpy as np
 from carenv import Expert
 from collection import collector_parser, run_collection
 from data_loader import MISTAKES
+from presets import CONTROL_PERIOD
 
 CODES = {name: code for code, name in MISTAKES.items()}
 
@@ -19,7 +20,7 @@ CODES = {name: code for code, name in MISTAKES.items()}
 class MistakeExpert(Expert):
     """The expert, with a mistake every `gap_s` seconds on average, each lasting 0.4 to `max_len_s` s."""
 
-    def __init__(self, gap_s: float = 2.5, max_len_s: float = 1.4, period_s: float = 4 / 50, **expert_kwargs):
+    def __init__(self, gap_s: float = 2.5, max_len_s: float = 1.4, period_s: float = CONTROL_PERIOD / 50, **expert_kwargs):
         super().__init__(**expert_kwargs)
         self.gap, self.max_len, self.period = gap_s / period_s, max_len_s / period_s, period_s
 
