@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import CostModel, build, load_checkpoint, save_checkpoint
+from models import CostModel, build, load_checkpoint, r2_score, save_checkpoint
 from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
 from train_predictor import file_hash, latent_caches
 
@@ -108,7 +108,7 @@ def evaluate(model: CostModel, t: dict) -> dict:
     res = {"expert_auc": round(roc_auc(out["expert"][m], t["expert"][m]), 4),
            "expert_calibration": calibration(p_exp, t["expert"][m]),
            "road_accuracy": round(float(((out["road"] > 0).float() == road).float().mean()), 4),
-           "progress_r2": round(float(1 - ((out["progress"] - prog) ** 2).sum() / ((prog - prog.mean()) ** 2).sum()), 4)}
+           "progress_r2": round(r2_score(out["progress"].double(), prog.double()), 4)}
     model.train()
     return res
 
