@@ -8,6 +8,9 @@
 Each stage runs as its own process (`python <stage>.py ...`) with explicit paths, so all it writes
 lands under the work directory: data_race/, data_recovery/, data/ (each with summary.json), models/,
 visuals/, output_dream.gif, drive.json, drive.mp4, logs/<stage>.log, drive_scores.png and report.md.
+After the judge come ONPOLICY_ROUNDS rounds of learning from the MPC's own drives on training tracks
+(drive_mpc.py --collect -> data_onpolicy{r}/, then train_predictor.py --init and train_cost_model.py on
+all sources -> models/onpolicy{r}/); the final drive uses the last round's predictor and judge.
 train_decoder.py runs beside train_encoder.py (on the second GPU when there are two; leave --device
 at auto for that, since --device is passed to every stage).
 
@@ -23,27 +26,40 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from presets import DATA_DIRS, MODELS_DIR, VISUALS_DIR, common_parser
+from presets import DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, VISUALS_DIR, common_parser
 
 HERE = Path(__file__).resolve().parent
-# In the seed's order; stages() builds them in this order.
+# Rounds of learning from the MPC's own drives: each collects drives with the latest predictor and judge,
+# then fine-tunes both on all data so far (README, "Learning from its own drives"). Measured on tuning
+# tracks 500-511 at `small`: one round lifted the mean score, a second one made the car stop and wait
+# (twice, with two recipes), so one round it is.
+ONPOLICY_ROUNDS = 1
+# In the seed's order, then the on-policy rounds; stages() builds them in this order.
 STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_encoder", "train_predictor",
-          "visualise_dream", "train_cost_model", "drive_mpc")
+          "visualise_dream", "train_cost_model",
+          *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
+            for s in ("collect", "train_predictor", "train_cost_model")),
+          "drive_mpc")
 
 # Evaluation per preset: tracks 0..E-1 (never in the collected data). Tiny cuts each drive short, so its
 # score is partial: it checks that the pipeline works, not how well the car drives.
 # decoder_grace_s: how long the decoder watcher may take, once the encoder is done, to show its last epochs.
+# onpolicy: (drives collected per round, predictor fine-tuning epochs per round, at ONPOLICY_LR).
 RUN = {
-    "tiny": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300},
-    "small": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800},
-    "full": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600},
+    "tiny": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300, "onpolicy": (2, 1)},
+    "small": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800, "onpolicy": (16, 8)},
+    "full": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600, "onpolicy": (200, 8)},
 }
+# A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
+# 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
+ONPOLICY_LR = 2e-4
 
 
 @dataclass
@@ -53,6 +69,8 @@ class Stage:
     inputs: list[Path] = field(default_factory=list)
     outputs: list[Path] = field(default_factory=list)
     beside: list[str] | None = None            # argv of train_decoder.py, run alongside this stage
+    script: str | None = None                  # when not <name>.py (the on-policy rounds)
+    clear: Path | None = None                  # folder emptied before the stage runs (drives of stale models)
 
 
 def newest(path: Path) -> int | None:
@@ -92,6 +110,32 @@ def stages(args, w: Path) -> list[Stage]:
     enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
     run = RUN[args.preset]
     drive = ["--episodes", str(run["episodes"])] + (["--max-steps", str(run["max_steps"])] if run["max_steps"] else [])
+    # On-policy rounds: round r drives with round r-1's predictor and judge (round 0: the seed's), stores the
+    # drives in data_onpolicy{r}/, and fine-tunes both on every source so far into models/onpolicy{r}/.
+    models = lambda p, c: ["--encoder", str(enc), "--predictor", str(p), "--cost", str(c)]   # noqa: E731
+    episodes, epochs = run["onpolicy"]
+    onpolicy, pred_r, cost_r, own = [], pred, cost, []
+    for r in range(1, ONPOLICY_ROUNDS + 1):
+        d, out = w / f"{ONPOLICY_DIR}{r}", m / f"onpolicy{r}"
+        # Drives collected with the shooting planner: the recipe that was measured (tuning tracks 500-511).
+        collect = common + ["--seed", str(args.seed + r), "--headless", *models(pred_r, cost_r), "--collect", str(d),
+                            "--planner", "shooting",
+                            "--episodes", str(episodes)] + (["--max-steps", str(run["max_steps"])] if run["max_steps"] else [])
+        own.append(d)
+        mine = train + ["--onpolicy-dirs", *map(str, own), "--encoder", str(enc)]
+        onpolicy += [
+            Stage(f"collect_onpolicy{r}", collect, [enc, pred_r, cost_r], [d / "summary.json"], script="drive_mpc",
+                  clear=d),
+            Stage(f"train_predictor_onpolicy{r}", mine + ["--init", str(pred_r), "--epochs", str(epochs),
+                                                          "--lr", str(ONPOLICY_LR),
+                                                          "--out-dir", str(out)],
+                  [enc, pred_r, *data.values(), *own], [out / "predictor_final.pth", out / "predictor_stats.jsonl"],
+                  script="train_predictor"),
+            Stage(f"train_cost_model_onpolicy{r}", mine + ["--predictor", str(out / "predictor_final.pth"),
+                                                           "--out-dir", str(out)],
+                  [enc, out / "predictor_final.pth", *data.values(), *own],
+                  [out / "cost_model_final.pth", out / "cost_model_stats.json"], script="train_cost_model")]
+        pred_r, cost_r = out / "predictor_final.pth", out / "cost_model_final.pth"
     collectors = [Stage(script, seeded + ["--out-dir", str(data[s])],
                         outputs=[data[s] / "summary.json"])
                   for script, s in (("collect_race_data", "race"), ("collect_recovery_data", "recovery"),
@@ -109,16 +153,18 @@ def stages(args, w: Path) -> list[Stage]:
               [enc, pred, m / "decoder.pth", *data.values()], [w / "output_dream.gif"]),
         Stage("train_cost_model", train + ["--encoder", str(enc), "--predictor", str(pred), "--out-dir", str(m)],
               [enc, pred, *data.values()], [cost, m / "cost_model_stats.json"]),
+        *onpolicy,
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
-        Stage("drive_mpc", common + ["--headless", "--seed", "0", "--models-dir", str(m), *drive,
+        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), *drive,
                                      "--json", str(w / "drive.json"), "--record", str(w / "drive.mp4")],
-              [enc, pred, cost], [w / "drive.json", w / "drive.mp4"]),
+              [enc, pred_r, cost_r], [w / "drive.json", w / "drive.mp4"]),
     ]
 
 
-def start(name: str, argv: list[str], logs: Path, threads: int | None = None) -> subprocess.Popen:
-    """Start <name>.py with stdout and stderr to logs/<name>.log (and `threads` CPU threads, if given)."""
-    cmd = [sys.executable, str(HERE / f"{name}.py"), *argv]
+def start(name: str, argv: list[str], logs: Path, threads: int | None = None,
+          script: str | None = None) -> subprocess.Popen:
+    """Start <script or name>.py with stdout and stderr to logs/<name>.log (and `threads` CPU threads, if given)."""
+    cmd = [sys.executable, str(HERE / f"{script or name}.py"), *argv]
     env = dict(os.environ)
     if threads and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -137,8 +183,10 @@ def check(proc: subprocess.Popen, name: str, logs: Path) -> None:
 def run_stage(stage: Stage, w: Path, resume: bool, grace_s: float) -> str | None:
     """Run one stage (and its companion); exit naming the stage if it fails. Returns a note for the report."""
     logs = w / "logs"
+    if stage.clear is not None:
+        shutil.rmtree(stage.clear, ignore_errors=True)
     if stage.beside is None:
-        check(start(stage.name, stage.argv, logs), stage.name, logs)
+        check(start(stage.name, stage.argv, logs, script=stage.script), stage.name, logs)
         return None
     m, v = w / MODELS_DIR, w / VISUALS_DIR
     # A fresh encoder run starts from a clean slate, so the watcher shows only this run's epochs (under
@@ -212,8 +260,11 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
     rows = [[src, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
              s["off_road_share"], s["median_speed"], s.get("recovered_within_3s", "-")]
             for src, d in DATA_DIRS.items() if (s := _json(w / d / "summary.json"))]
+    rows += [[d.name, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
+              s["off_road_share"], s["median_speed"], "-"]
+             for r in range(1, ONPOLICY_ROUNDS + 1) if (s := _json((d := w / f"{ONPOLICY_DIR}{r}") / "summary.json"))]
     if rows:
-        out += ["## Data", "", *_table(["source", "episodes", "frames", "score", "laps", "off-road share",
+        out += ["## Data", "", "data_onpolicy{r}: the MPC's own drives on training tracks, round r.", "", *_table(["source", "episodes", "frames", "score", "laps", "off-road share",
                                         "median speed", "mistakes recovered in 3 s"], rows)]
     out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
     if probes := _json(m / "encoder_probes.json"):
@@ -269,9 +320,9 @@ def main(args):
         why = "forced" if stage.name in forced else stale(stage.inputs, stage.outputs)
         if why is None:
             status[stage.name] = "skipped"
-            print(f"{stage.name:<22} skipped (outputs up to date)", flush=True)
+            print(f"{stage.name:<28} skipped (outputs up to date)", flush=True)
             continue
-        print(f"{stage.name:<22} running ({why}) ...", flush=True)
+        print(f"{stage.name:<28} running ({why}) ...", flush=True)
         t0 = time.perf_counter()
         if note := run_stage(stage, w, args.resume, RUN[args.preset]["decoder_grace_s"]):
             notes.append(note)
@@ -279,7 +330,7 @@ def main(args):
         status[stage.name] = "ran"
         # Saved after every stage, so the report of a later, resumed run still has the times.
         timings_path.write_text(json.dumps(timings, indent=1))
-        print(f"{stage.name:<22} ran in {timings[stage.name]:.1f} s", flush=True)
+        print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
     write_report(w, args.preset, status, timings, notes)
     print(f"report: {w / 'report.md'}")
 

@@ -22,7 +22,11 @@ CONTROL_PERIOD = 4
 
 # Default folders, as in the seed: collectors write here, trainers read from here.
 DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
-SOURCES = tuple(DATA_DIRS)
+# The MPC's own drives on training tracks (drive_mpc.py --collect), one folder per round: the world model
+# learns the states its planner really visits (DAgger-style aggregation, Ross et al. 2011). Optional:
+# only the predictor and the judge read them, through --onpolicy-dirs.
+ONPOLICY_DIR = "data_onpolicy"
+SOURCES = (*DATA_DIRS, "onpolicy")
 MODELS_DIR = "models"
 VISUALS_DIR = "visuals"
 
@@ -105,13 +109,17 @@ def add_data_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group("data")
     for source, folder in DATA_DIRS.items():
         g.add_argument(f"--{source}-dir", default=folder, help=f"folder of the {source} episodes")
+    g.add_argument("--onpolicy-dirs", nargs="*", default=[],
+                   help="folders of the MPC's own drives (drive_mpc.py --collect); each is one more source")
     g.add_argument("--val-frac", type=float, default=0.1, help="share of episodes held out (split by episode)")
     return g
 
 
 def data_dirs(args: argparse.Namespace) -> dict[str, str]:
-    """{source: folder} from the flags add_data_args() made."""
-    return {source: getattr(args, f"{source}_dir") for source in DATA_DIRS}
+    """{source: folder} from the flags add_data_args() made: the three sources, then onpolicy1, onpolicy2, ..."""
+    dirs = {source: getattr(args, f"{source}_dir") for source in DATA_DIRS}
+    dirs.update({f"onpolicy{i}": d for i, d in enumerate(getattr(args, "onpolicy_dirs", None) or [], 1)})
+    return dirs
 
 
 def pick_device(name: str = "auto") -> str:

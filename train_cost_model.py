@@ -26,6 +26,12 @@ from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, commo
 from train_predictor import file_hash, latent_caches
 
 
+def mixed(name: str) -> bool:
+    """Sources that are neither expert nor random: recovery drives and the MPC's own (onpolicy1, ...).
+    They teach the road and progress heads; the expert head leaves them out or labels them by on-road."""
+    return name == "recovery" or name.startswith("onpolicy")
+
+
 def transitions(cache, recovery_label: str) -> dict:
     """All (z_t, z_{t+1}) pairs of a LatentCache split with their labels, as tensors."""
     parts = []
@@ -33,8 +39,8 @@ def transitions(cache, recovery_label: str) -> dict:
         rows = cache.windows(s, horizon=1, history=0)
         w = cache.gather(s, rows, horizon=1, history=0)               # z [N,2,D], columns [N,2]
         expert = np.full(len(rows), 1.0 if name == "race" else 0.0, np.float32)
-        use = np.full(len(rows), name != "recovery")
-        if name == "recovery" and recovery_label == "on_road":
+        use = np.full(len(rows), not mixed(name))
+        if mixed(name) and recovery_label == "on_road":
             expert, use = w["on_road"][:, 1].astype(np.float32), np.ones(len(rows), bool)
         parts.append({"z0": w["z"][:, 0], "z1": w["z"][:, 1], "expert": expert, "use_expert": use,
                       "road": w["on_road"][:, 1].astype(np.float32),
@@ -62,8 +68,8 @@ def predicted_transitions(cache, predictor, per_source: int, recovery_label: str
         prev = torch.cat([z[:, hist:hist + 1].cpu(), pred[:, :-1]], 1)
         road = w["on_road"][:, 1:].astype(np.float32)                           # [N,H] truth at t+1..t+H
         expert = np.full(road.shape, 1.0 if name == "race" else 0.0, np.float32)
-        use = np.full(road.shape, name != "recovery")
-        if name == "recovery" and recovery_label == "on_road":
+        use = np.full(road.shape, not mixed(name))
+        if mixed(name) and recovery_label == "on_road":
             expert, use = road.copy(), np.ones(road.shape, bool)
         parts.append({"z0": prev.flatten(0, 1).numpy(), "z1": pred.flatten(0, 1).numpy(),
                       "expert": expert.ravel(), "use_expert": use.ravel(), "road": road.ravel(),
@@ -177,7 +183,7 @@ def parser():
                    help="15-step rollouts per source to train on beside true transitions (0: true only)")
     add_data_args(p)
     p.add_argument("--recovery-label", default="exclude", choices=["exclude", "on_road"],
-                   help="recovery frames: left out of the expert head, or expert exactly when on the road")
+                   help="recovery and on-policy frames: left out of the expert head, or expert exactly when on the road")
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=256)

@@ -3,6 +3,8 @@
     python train_predictor.py                            # small preset, uses models/encoder_final.pth
     python train_predictor.py --preset full --device cuda
     python train_predictor.py --resume
+    python train_predictor.py --onpolicy-dirs data_onpolicy --init models/predictor_final.pth --epochs 6 \
+        --out-dir models/onpolicy1              # one round of learning from the MPC's own drives
 
 First encodes every episode once with the frozen encoder into a latent cache (keyed by the encoder
 checkpoint's content hash, memory-mapped beside the frame cache), then trains from latents only, so
@@ -161,6 +163,13 @@ def main(args):
     allz = torch.from_numpy(np.concatenate([np.asarray(z[r]) for z, r in
                                             ((train.latents[s], train.data.rows(s)) for s in range(len(pools)))]))
     model.set_normalisation(allz.mean(0).to(device), allz.std(0).to(device))
+    if args.init:
+        # Warm start (weights and normalisation) from an earlier predictor of the same encoder: a round
+        # on new on-policy data then needs a few epochs, not a whole training.
+        init = load_checkpoint(args.init, "predictor", map_location=device, stage="train_predictor.py")
+        if init.get("encoder_hash") != train.key:
+            raise SystemExit(f"{args.init} was trained on another encoder checkpoint than {args.encoder}")
+        load_weights(model, init)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.batches_per_epoch or max(1, sum(len(p) for p in pools) // args.batch_size)
     total = args.epochs * steps
@@ -220,6 +229,7 @@ def parser():
     g.add_argument("--horizon", type=int, default=15, help="training and evaluation rollout length H")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--init", default=None, help="start from this predictor checkpoint's weights (same encoder)")
     g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--batches-per-epoch", type=int, default=None)
     g.add_argument("--lr", type=float, default=1e-3)

@@ -56,3 +56,12 @@ def test_train_cost_model_end_to_end_records_what_it_learned_from(tmp_path):
     stats = json.loads((tmp_path / "cost_model_stats.json").read_text())
     assert {"expert_auc", "road_accuracy", "progress_r2", "expert_calibration"} <= set(stats["val"])
     assert stats["val_on_predictions"] is not None
+
+
+def test_onpolicy_sources_are_judged_like_recovery_not_as_random(tmp_path):
+    from presets import data_dirs
+    from argparse import Namespace
+    dirs = data_dirs(Namespace(race_dir="r", recovery_dir="c", random_dir="d", onpolicy_dirs=["x", "y"]))
+    assert dirs == {"race": "r", "recovery": "c", "random": "d", "onpolicy1": "x", "onpolicy2": "y"}
+    assert train_cost_model.mixed("onpolicy2") and train_cost_model.mixed("recovery")
+    assert not train_cost_model.mixed("random") and not train_cost_model.mixed("race")

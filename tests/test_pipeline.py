@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT
 import pipeline
+from data_loader import read_episode
+from presets import EVAL_SEED_LIMIT
 
 # One thread per process: on a CPU shared with other jobs, torch's default of one thread per core
 # spin-waits against them (the tiny encoder ran 5x and MPC planning 70x slower here without this).
@@ -67,7 +69,7 @@ def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_pat
     assert [s.name for s in built] == list(pipeline.STAGES)
     for s in built:
         assert all(tmp_path in p.parents for p in s.outputs), s.name
-        assert (ROOT / f"{s.name}.py").exists()
+        assert (ROOT / f"{s.script or s.name}.py").exists()
     made = {p for s in built for p in s.outputs}
     for i, s in enumerate(built):                            # every input is made by an earlier stage
         earlier = {p for e in built[:i] for p in e.outputs} | {p.parent for e in built[:i] for p in e.outputs}
@@ -113,6 +115,15 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
                  "output_dream.gif", "drive_scores.png", "(drive.mp4)"):
         assert link in report, link
     assert (w / "drive_scores.png").exists()
+    # The on-policy rounds: the MPC's own drives, on training tracks only, and the models fine-tuned on them
+    for r in range(1, pipeline.ONPOLICY_ROUNDS + 1):
+        eps = sorted((w / f"data_onpolicy{r}").glob("*.npz"))
+        assert len(eps) == pipeline.RUN["tiny"]["onpolicy"][0]
+        for ep in eps:
+            meta = read_episode(ep)[1]
+            assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
+        assert (w / "models" / f"onpolicy{r}" / "cost_model_final.pth").exists()
+    assert f"data_onpolicy{pipeline.ONPOLICY_ROUNDS}" in report
 
 
 def test_a_second_run_skips_every_stage(tiny_run):
@@ -130,4 +141,5 @@ def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     r = run_pipeline(w, "--force", "train_cost_model")
     assert r.returncode == 0, r.stderr
     ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
-    assert ran == {"train_cost_model", "drive_mpc"}
+    # the on-policy rounds drove with the old judge, so they are redone too (their old drives deleted)
+    assert ran == set(pipeline.STAGES[pipeline.STAGES.index("train_cost_model"):])

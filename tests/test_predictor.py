@@ -5,7 +5,7 @@ import torch
 
 from conftest import write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache
-from models import Predictor, TinyEncoder, save_checkpoint
+from models import Predictor, TinyEncoder, load_checkpoint, save_checkpoint
 import train_predictor
 from train_predictor import evaluate, latent_caches
 
@@ -91,3 +91,29 @@ def test_train_predictor_runs_end_to_end_and_writes_its_outputs(sources, tmp_pat
     stats = [l for l in (tmp_path / "m" / "predictor_stats.jsonl").read_text().splitlines()]
     assert len(stats) == 3 and (tmp_path / "m" / "predictor_horizon.png").exists()
     assert (tmp_path / "m" / "predictor_final.pth").exists() and (tmp_path / "m" / "predictor_probes.json").exists()
+
+
+def test_init_warm_starts_from_a_predictor_and_onpolicy_dirs_add_sources(sources, tmp_path):
+    enc = tmp_path / "enc.pth"
+    save_checkpoint(enc, "encoder", TinyEncoder(width=8, latent=16))
+    extra = tmp_path / "mine"
+    write_synthetic(extra, 3, 25, tag0=70)
+    base = ["--preset", "tiny", "--device", "cpu", "--encoder", str(enc), "--race-dir", sources["race"],
+            "--recovery-dir", sources["recovery"], "--random-dir", sources["random"], "--val-frac", "0.34",
+            "--horizon", "5", "--hidden", "32"]
+    train_predictor.main(train_predictor.parser().parse_args(base + ["--out-dir", str(tmp_path / "a"),
+                                                                     "--epochs", "2", "--batches-per-epoch", "20"]))
+    first = load_checkpoint(tmp_path / "a" / "predictor_final.pth", "predictor")
+    # zero steps of training after --init: the weights and the normalisation are exactly the first model's
+    train_predictor.main(train_predictor.parser().parse_args(
+        base + ["--out-dir", str(tmp_path / "b"), "--init", str(tmp_path / "a" / "predictor_final.pth"),
+                "--onpolicy-dirs", str(extra), "--epochs", "1", "--batches-per-epoch", "1", "--lr", "0"]))
+    second = load_checkpoint(tmp_path / "b" / "predictor_final.pth", "predictor")
+    for k, v in first["model"].items():
+        torch.testing.assert_close(second["model"][k], v)
+    assert list((extra / ".cache").glob("latents_*.f32"))            # the on-policy folder was read as a source
+    # a predictor of another encoder is refused
+    save_checkpoint(enc, "encoder", TinyEncoder(width=8, latent=16))
+    with pytest.raises(SystemExit, match="another encoder"):
+        train_predictor.main(train_predictor.parser().parse_args(
+            base + ["--out-dir", str(tmp_path / "c"), "--init", str(tmp_path / "a" / "predictor_final.pth")]))
