@@ -109,7 +109,8 @@ def stages(args, w: Path) -> list[Stage]:
     resume = ["--resume"] if args.resume else []
     enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
     run = RUN[args.preset]
-    drive = ["--episodes", str(run["episodes"])] + (["--max-steps", str(run["max_steps"])] if run["max_steps"] else [])
+    cap = ["--max-steps", str(run["max_steps"])] if run["max_steps"] else []     # tiny cuts every drive short
+    drive = ["--episodes", str(run["episodes"]), *cap]
     # On-policy rounds: round r drives with round r-1's predictor and judge (round 0: the seed's), stores the
     # drives in data_onpolicy{r}/, and fine-tunes both on every source so far into models/onpolicy{r}/.
     models = lambda p, c: ["--encoder", str(enc), "--predictor", str(p), "--cost", str(c)]   # noqa: E731
@@ -119,8 +120,7 @@ def stages(args, w: Path) -> list[Stage]:
         d, out = w / f"{ONPOLICY_DIR}{r}", m / f"onpolicy{r}"
         # Drives collected with the shooting planner: the recipe that was measured (tuning tracks 500-511).
         collect = common + ["--seed", str(args.seed + r), "--headless", *models(pred_r, cost_r), "--collect", str(d),
-                            "--planner", "shooting",
-                            "--episodes", str(episodes)] + (["--max-steps", str(run["max_steps"])] if run["max_steps"] else [])
+                            "--planner", "shooting", "--episodes", str(episodes), *cap]
         own.append(d)
         mine = train + ["--onpolicy-dirs", *map(str, own), "--encoder", str(enc)]
         onpolicy += [
@@ -257,15 +257,14 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
     out = [f"# TinyAutoJEPA pipeline, preset `{preset}`", "", *(f"> {n}\n" for n in notes),
            "## Stages", "", *_table(["stage", "this run", "wall time of its last run (s)"],
                                     [[s, status[s], timings.get(s, "-")] for s in STAGES])]
+    folders = [*DATA_DIRS.items(), *((f"{ONPOLICY_DIR}{r}", f"{ONPOLICY_DIR}{r}") for r in range(1, ONPOLICY_ROUNDS + 1))]
     rows = [[src, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
              s["off_road_share"], s["median_speed"], s.get("recovered_within_3s", "-")]
-            for src, d in DATA_DIRS.items() if (s := _json(w / d / "summary.json"))]
-    rows += [[d.name, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
-              s["off_road_share"], s["median_speed"], "-"]
-             for r in range(1, ONPOLICY_ROUNDS + 1) if (s := _json((d := w / f"{ONPOLICY_DIR}{r}") / "summary.json"))]
+            for src, d in folders if (s := _json(w / d / "summary.json"))]
     if rows:
-        out += ["## Data", "", "data_onpolicy{r}: the MPC's own drives on training tracks, round r.", "", *_table(["source", "episodes", "frames", "score", "laps", "off-road share",
-                                        "median speed", "mistakes recovered in 3 s"], rows)]
+        out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r.", "",
+                *_table(["source", "episodes", "frames", "score", "laps", "off-road share", "median speed",
+                         "mistakes recovered in 3 s"], rows)]
     out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
     if probes := _json(m / "encoder_probes.json"):
         out += ["Linear probes on held-out episodes:", "", *_table(["probe", "value"], list(probes.items()))]

@@ -3,8 +3,8 @@
     python train_predictor.py                            # small preset, uses models/encoder_final.pth
     python train_predictor.py --preset full --device cuda
     python train_predictor.py --resume
-    python train_predictor.py --onpolicy-dirs data_onpolicy --init models/predictor_final.pth --epochs 6 \
-        --out-dir models/onpolicy1              # one round of learning from the MPC's own drives
+    python train_predictor.py --onpolicy-dirs data_onpolicy1 --init models/predictor_final.pth --epochs 8 \
+        --lr 2e-4 --out-dir models/onpolicy1    # one round of learning from the MPC's own drives
 
 First encodes every episode once with the frozen encoder into a latent cache (keyed by the encoder
 checkpoint's content hash, memory-mapped beside the frame cache), then trains from latents only, so
@@ -56,6 +56,12 @@ def latent_caches(encoder_path, dirs: dict, val_frac: float, seed: int, device) 
         out.append(LatentCache(data, key, dim, encode, progress=bar.update))
         bar.close()
     return out[0], out[1], ckpt
+
+
+def same_encoder(ckpt: dict, path, key: str, hint: str) -> None:
+    """Exit unless predictor checkpoint `ckpt` (from `path`) was trained on the encoder whose hash is `key`."""
+    if ckpt.get("encoder_hash") != key:
+        raise SystemExit(f"{path} was trained on another encoder checkpoint{hint}")
 
 
 def sample_windows(cache: LatentCache, pools: list, batch: int, horizon: int, history: int, rng) -> dict:
@@ -160,16 +166,16 @@ def main(args):
             raise SystemExit(f"source {name!r} has no episode longer than {h + hist + 1} control steps")
 
     model = Predictor(enc_ckpt["config"]["latent"], args.hidden, args.layers, hist).to(device)
-    allz = torch.from_numpy(np.concatenate([np.asarray(z[r]) for z, r in
-                                            ((train.latents[s], train.data.rows(s)) for s in range(len(pools)))]))
-    model.set_normalisation(allz.mean(0).to(device), allz.std(0).to(device))
     if args.init:
         # Warm start (weights and normalisation) from an earlier predictor of the same encoder: a round
         # on new on-policy data then needs a few epochs, not a whole training.
         init = load_checkpoint(args.init, "predictor", map_location=device, stage="train_predictor.py")
-        if init.get("encoder_hash") != train.key:
-            raise SystemExit(f"{args.init} was trained on another encoder checkpoint than {args.encoder}")
+        same_encoder(init, args.init, train.key, f"than {args.encoder}")
         load_weights(model, init)
+    else:
+        allz = torch.from_numpy(np.concatenate([np.asarray(z[r]) for z, r in
+                                                ((train.latents[s], train.data.rows(s)) for s in range(len(pools)))]))
+        model.set_normalisation(allz.mean(0).to(device), allz.std(0).to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps = args.batches_per_epoch or max(1, sum(len(p) for p in pools) // args.batch_size)
     total = args.epochs * steps
@@ -177,8 +183,7 @@ def main(args):
     start, stats = 0, []
     if args.resume and (found := sorted(out.glob("predictor_ep*.pth"), key=lambda p: int(p.stem.split("ep")[-1]))):
         ckpt = load_checkpoint(found[-1], "predictor", map_location=device)
-        if ckpt["encoder_hash"] != train.key:
-            raise SystemExit(f"{found[-1]} was trained on another encoder checkpoint; start afresh without --resume")
+        same_encoder(ckpt, found[-1], train.key, "; start afresh without --resume")
         load_weights(model, ckpt)
         opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
         start, stats = ckpt["epoch"], ckpt["stats"]
