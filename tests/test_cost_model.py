@@ -32,12 +32,18 @@ def test_calibration_error_is_zero_when_calibrated_and_large_when_not():
 
 def test_dreamt_transitions_line_up_with_what_really_happened(tmp_path):
     dirs = write_sources(tmp_path, rows=25, tag_step=10)
+    dirs["onpolicy1"] = dirs["recovery"]                               # the MPC's drives: a fourth source
     cache = LatentCache(EpisodeData(dirs, "all"), "k", 4, lambda f: np.zeros((len(f), 4), np.float32))
     t = predicted_transitions(cache, Predictor(4, 8, 1, 1), per_source=5, recovery_label="exclude",
-                              device="cpu", seed=0, h=6)
-    n = 3 * 5 * 6                                                       # sources x windows x steps
+                              device="cpu", seed=0, h=6, onpolicy_label="negative")
+    n = 4 * 5 * 6                                                       # sources x windows x steps
     assert t["z0"].shape == (n, 4) and t["z1"].shape == (n, 4) and len(t["road"]) == n
     assert set(t["expert"][t["source"] == 0].tolist()) == {1.0} and not t["use_expert"][t["source"] == 1].any()
+    own = t["source"] == 3
+    assert t["use_expert"][own].all() and set(t["expert"][own].tolist()) == {0.0}
+    true = train_cost_model.transitions(cache, "exclude", "negative")
+    own = true["source"] == 3
+    assert own.any() and true["use_expert"][own].all() and set(true["expert"][own].tolist()) == {0.0}
 
 
 def test_train_cost_model_end_to_end_records_what_it_learned_from(tmp_path):
@@ -58,10 +64,21 @@ def test_train_cost_model_end_to_end_records_what_it_learned_from(tmp_path):
     assert stats["val_on_predictions"] is not None
 
 
-def test_onpolicy_sources_are_judged_like_recovery_not_as_random(tmp_path):
+def test_onpolicy_sources_are_named_in_order_and_labelled_as_asked():
     from presets import data_dirs
     from argparse import Namespace
     dirs = data_dirs(Namespace(race_dir="r", recovery_dir="c", random_dir="d", onpolicy_dirs=["x", "y"]))
     assert dirs == {"race": "r", "recovery": "c", "random": "d", "onpolicy1": "x", "onpolicy2": "y"}
     assert train_cost_model.mixed("onpolicy2") and train_cost_model.mixed("recovery")
     assert not train_cost_model.mixed("random") and not train_cost_model.mixed("race")
+    road = np.array([True, False, True])
+    labels = lambda name, rec, own: [a.tolist() for a in train_cost_model.expert_labels(name, road, rec, own)]  # noqa: E731
+    assert labels("race", "exclude", "negative") == [[1, 1, 1], [True] * 3]
+    assert labels("random", "on_road", "negative") == [[0, 0, 0], [True] * 3]
+    assert labels("recovery", "exclude", "negative") == [[0, 0, 0], [False] * 3]        # left out
+    assert labels("recovery", "on_road", "negative") == [[1, 0, 1], [True] * 3]
+    # The planner's own drives: not expert (adversarial imitation), or treated like recovery.
+    assert labels("onpolicy1", "exclude", "negative") == [[0, 0, 0], [True] * 3]
+    assert labels("onpolicy2", "on_road", "negative") == [[0, 0, 0], [True] * 3]
+    assert labels("onpolicy1", "exclude", "exclude") == [[0, 0, 0], [False] * 3]
+    assert labels("onpolicy1", "on_road", "exclude") == [[1, 0, 1], [True] * 3]
