@@ -176,7 +176,8 @@ def main(args):
     stats = {"val": evaluate(model, val), "train": evaluate(model, {k: v.to(device) for k, v in train.items()}),
              "val_on_predictions": evaluate(model, {k: v.to(device) for k, v in val_dreamt.items()})
              if args.on_predictions else None,
-             "recovery_label": args.recovery_label, "onpolicy_label": args.onpolicy_label, "train_transitions": n, "val_transitions": len(val["z0"])}
+             "recovery_label": args.recovery_label, "onpolicy_label": args.onpolicy_label,
+             "train_transitions": n, "val_transitions": len(val["z0"])}
     print(json.dumps({k: v for k, v in stats["val"].items() if k != "expert_calibration"}
                      | {"ece": stats["val"]["expert_calibration"]["ece"]}))
     atomic_write(out / "cost_model_stats.json", lambda f: f.write(json.dumps(stats, indent=1).encode()))

@@ -72,7 +72,8 @@ def test_onpolicy_sources_are_named_in_order_and_labelled_as_asked():
     assert train_cost_model.mixed("onpolicy2") and train_cost_model.mixed("recovery")
     assert not train_cost_model.mixed("random") and not train_cost_model.mixed("race")
     road = np.array([True, False, True])
-    labels = lambda name, rec, own: [a.tolist() for a in train_cost_model.expert_labels(name, road, rec, own)]  # noqa: E731
+    def labels(name, rec, own):
+        return [a.tolist() for a in train_cost_model.expert_labels(name, road, rec, own)]
     assert labels("race", "exclude", "negative") == [[1, 1, 1], [True] * 3]
     assert labels("random", "on_road", "negative") == [[0, 0, 0], [True] * 3]
     assert labels("recovery", "exclude", "negative") == [[0, 0, 0], [False] * 3]        # left out
