@@ -44,7 +44,7 @@ class DistanceJudge:
 
 def policy(planner):
     p = MPCPolicy(ZeroEncoder(), ActionEcho(), DistanceJudge(), "cpu", planner=planner, samples=1000,
-                  horizon=15, beta=2.0, sigma=0.5)
+                  horizon=15, beta=2.0, sigma=0.5, w_progress=1.0, w_road=1.0)   # the judge speaks by progress
     p.reset(np.random.default_rng(0))
     return p
 

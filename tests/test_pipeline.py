@@ -77,6 +77,17 @@ def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_pat
     assert tmp_path / "drive.json" in made and tmp_path / "output_dream.gif" in made
 
 
+def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
+    for preset, run in pipeline.RUN.items():
+        drives, _, judge_epochs = run["onpolicy"]
+        args = Namespace(preset=preset, device="auto", seed=0, workers=None, resume=False)
+        built = {s.name: s.argv for s in pipeline.stages(args, ROOT / "unused")}
+        collect, judge = built["collect_onpolicy1"], built["train_cost_model_onpolicy1"]
+        assert collect[collect.index("--episodes") + 1] == str(drives)
+        assert (judge[judge.index("--epochs") + 1] == str(judge_epochs)) if judge_epochs else "--epochs" not in judge
+        assert "--epochs" not in built["train_cost_model"]              # round 0's judge keeps the preset's
+
+
 # ---------------------------------------------------------------- failures
 def test_a_failing_stage_stops_the_pipeline_naming_it(tmp_path):
     for folder in ("data_race", "data_recovery", "data"):    # "collected", but without a single episode
