@@ -4,7 +4,7 @@
     python drive_mpc.py --episodes 10 --seed 0 --json mpc.json --record drive.mp4
     python drive_mpc.py --planner shooting                # the seed's best-of-1,000 instead of iterative CEM
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
-    python drive_mpc.py --collect data_onpolicy1 --planner shooting --episodes 32 --seed 1   # drives on training tracks
+    python drive_mpc.py --collect data_onpolicy1 --planner shooting --w-progress 1 --w-road 1 --episodes 32 --seed 1
 
 Drives track seeds S..S+N-1 (seeds below 1,000,000 never appear in collected data, so these are
 unseen tracks), prints each score and the mean +- std, and with --json writes {"scores", "mean",
