@@ -40,7 +40,7 @@ class MPCPolicy:
 
     privileged = False
 
-    def __init__(self, encoder, predictor, cost, device, planner: str = "shooting", samples: int = 1000,
+    def __init__(self, encoder, predictor, cost, device, planner: str = "icem", samples: int = 1000,
                  horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
                  discount: float = 1.0):

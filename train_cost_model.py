@@ -137,8 +137,8 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     dirs = data_dirs(args)
     train_cache, val_cache, enc = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
-    labels = (args.recovery_label, args.onpolicy_label)
-    train, val = transitions(train_cache, *labels), transitions(val_cache, *labels)
+    rec, own = args.recovery_label, args.onpolicy_label
+    train, val = transitions(train_cache, rec, own), transitions(val_cache, rec, own)
     extra = {}
     if args.on_predictions:
         pred_ckpt = load_checkpoint(args.predictor, "predictor", device, stage="train_predictor.py")
@@ -146,10 +146,9 @@ def main(args):
             raise SystemExit(f"{args.predictor} was trained on another encoder: run train_predictor.py again")
         predictor = build(pred_ckpt, device).eval()
         h = pred_ckpt.get("horizon", 15)
-        dreamt = predicted_transitions(train_cache, predictor, args.on_predictions, labels[0], device,
-                                       args.seed, h, labels[1])
-        val_dreamt = predicted_transitions(val_cache, predictor, args.on_predictions, labels[0], device,
-                                           args.seed + 1, h, labels[1])
+        dreamt = predicted_transitions(train_cache, predictor, args.on_predictions, rec, device, args.seed, h, own)
+        val_dreamt = predicted_transitions(val_cache, predictor, args.on_predictions, rec, device, args.seed + 1, h,
+                                           own)
         train = {k: torch.cat([train[k], dreamt[k]]) for k in train}
         extra = {"predictor_hash": file_hash(args.predictor)}
     model = CostModel(enc["config"]["latent"], args.hidden).to(device)
