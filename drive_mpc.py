@@ -202,9 +202,20 @@ def _drive(job: dict) -> dict:
     env.close()
     if recorder:
         recorder.save()
-    r = {"seed": job["seed"], "score": ep["score"], "tiles_fraction": ep["tiles_fraction"],
-         "lap_finished": ep["lap_finished"], "steps": len(ep["obs"]),
-         "off_road_share": float(1 - ep["on_road"].mean()), "seconds": time.perf_counter() - t0}
+    return {"seed": job["seed"], **episode_summary(ep), "seconds": time.perf_counter() - t0}
+
+
+def episode_summary(ep: dict) -> dict:
+    """Per-episode figures from run_episode's arrays (simulator state: evaluation only, never planning).
+
+    wrong_way_share: control steps on the road facing against the track (|heading error| > pi/2). A frame
+    does not show which way the track runs, so after a spin the car can drive the lap backwards, on the
+    road and looking like the expert, reaching no new tiles.
+    """
+    r = {"score": ep["score"], "tiles_fraction": ep["tiles_fraction"], "lap_finished": ep["lap_finished"],
+         "steps": len(ep["obs"]), "off_road_share": float(1 - ep["on_road"].mean()),
+         "wrong_way_share": float((ep["on_road"] & (np.cos(ep["heading_err"]) < 0)).mean()),
+         "median_speed": float(np.median(ep["speed"]))}
     if "plan_ms" in ep:
         r["plan_ms"] = ep["plan_ms"].tolist()
     return r
@@ -229,6 +240,8 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
               "tiles_fraction": [round(r["tiles_fraction"], 4) for r in results],
               "lap_finished": [bool(r["lap_finished"]) for r in results],
               "off_road_share": [round(r["off_road_share"], 4) for r in results],
+              "wrong_way_share": [round(r["wrong_way_share"], 4) for r in results],
+              "median_speed": [round(r["median_speed"], 2) for r in results],
               "control_period": CONTROL_PERIOD}
     if base["policy"] == "mpc":
         ms = np.concatenate([r["plan_ms"] for r in results])
@@ -242,6 +255,7 @@ def _print(r: dict) -> None:
     extra = f"  plan {np.median(r['plan_ms']):.0f} ms" if "plan_ms" in r else ""
     print(f"seed {r['seed']:>4}: score {r['score']:7.1f}  tiles {r['tiles_fraction']:.3f}  "
           f"lap {'yes' if r['lap_finished'] else 'no '}  off-road {r['off_road_share']:.3f}  "
+          f"wrong way {r['wrong_way_share']:.3f}  speed {r['median_speed']:5.1f}  "
           f"({r['seconds']:.1f}s){extra}", flush=True)
 
 

@@ -12,6 +12,7 @@ values only, never code.
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 
@@ -311,24 +312,43 @@ def r2_score(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12))
 
 
+def view_targets(state: dict) -> dict:
+    """Lateral offset and heading error as the camera sees them (dict of [N] tensors -> dict of [N]).
+
+    A frame shows the road around the car, not which way the track runs (the road has no arrows). For a car
+    facing against the track (|heading error| > pi/2) the track-frame lateral offset has the opposite sign
+    to the offset the frame shows, and its heading error differs by pi from the angle between the nose and
+    the road's axis. So besides the track-frame labels the probes read:
+    - lateral_view: offset from the centre line towards the car's right (= lateral when facing forward);
+    - heading_view: heading error folded into [-pi/2, pi/2] (the nose against the road's axis, + = left).
+    """
+    h = state["heading_err"].double()
+    backwards = torch.cos(h) < 0
+    return {"lateral_view": torch.where(backwards, -state["lateral"].double(), state["lateral"].double()),
+            "heading_view": h - math.pi * torch.round(h / math.pi)}
+
+
 def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict) -> dict:
     """Linear probes from latents [N,D] to privileged state (dicts of [N] tensors); fit on train, scored on val.
 
     R^2 for speed, yaw rate, lateral offset and heading error (the last two near the road, where the
-    road is in view), accuracy for on-road vs grass, with the majority-class accuracy for reference.
+    road is in view, in the track's frame and as the camera sees them: view_targets), accuracy for
+    on-road vs grass, with the majority-class accuracy for reference.
     """
     out = {}
-    for key in PROBE_TARGETS:
-        m_tr, m_va = torch.ones(len(z_tr), dtype=torch.bool), torch.ones(len(z_va), dtype=torch.bool)
-        if key in ("lateral", "heading_err"):
-            m_tr, m_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
-        probe = LinearProbe("ridge").fit(z_tr[m_tr], s_tr[key][m_tr])
-        out[f"{key}_r2"] = round(probe.score(z_va[m_va], s_va[key][m_va]), 4)
+    near_tr, near_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
+    v_tr, v_va = view_targets(s_tr), view_targets(s_va)
     # A heading is an angle: a car facing backwards is at +-pi, one value the raw number splits in two,
     # so sin(heading) is reported too (left/right of the track direction, continuous everywhere).
-    m_tr, m_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
-    probe = LinearProbe("ridge").fit(z_tr[m_tr], torch.sin(s_tr["heading_err"][m_tr]))
-    out["heading_sin_r2"] = round(probe.score(z_va[m_va], torch.sin(s_va["heading_err"][m_va])), 4)
+    regressions = [(key, s_tr[key], s_va[key], key in ("lateral", "heading_err")) for key in PROBE_TARGETS]
+    regressions += [("heading_sin", torch.sin(s_tr["heading_err"]), torch.sin(s_va["heading_err"]), True),
+                    *((key, v_tr[key], v_va[key], True) for key in v_tr)]
+    for key, y_tr, y_va, near in regressions:
+        m_tr = near_tr if near else torch.ones(len(z_tr), dtype=torch.bool)
+        m_va = near_va if near else torch.ones(len(z_va), dtype=torch.bool)
+        probe = LinearProbe("ridge").fit(z_tr[m_tr], y_tr[m_tr])
+        out[f"{key}_r2"] = round(probe.score(z_va[m_va], y_va[m_va]), 4)
+    out["facing_backwards_share_val"] = round(float((torch.cos(s_va["heading_err"][near_va]) < 0).double().mean()), 4)
     probe = LinearProbe("logistic").fit(z_tr, s_tr["on_road"])
     out["on_road_acc"] = round(probe.score(z_va, s_va["on_road"]), 4)
     share = float(s_va["on_road"].float().mean())

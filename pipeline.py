@@ -307,9 +307,12 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
                 f"{drive.get('plan_ms_median', '-')} ms median, {drive.get('plan_ms_p95', '-')} ms p95."
                 + (f" Each drive was stopped after {cut} control steps, so these scores are partial." if cut else ""),
                 "",
-                *_table(["track seed", "score", "tiles fraction", "lap finished"],
+                *_table(["track seed", "score", "tiles fraction", "lap finished", "off-road share",
+                         "wrong-way share", "median speed"],
                         [list(r) for r in zip(drive["seeds"], drive["scores"], drive["tiles_fraction"],
-                                              drive["lap_finished"])]),
+                                              drive["lap_finished"],
+                                              *(drive.get(k, ["-"] * len(drive["seeds"]))
+                                                for k in ("off_road_share", "wrong_way_share", "median_speed")))]),
                 *_figure(w, w / "drive_scores.png", "drive scores")]
         out += ["[Video of the first drive](drive.mp4)", ""] if (w / "drive.mp4").exists() else []
     (w / "report.md").write_text("\n".join(out))

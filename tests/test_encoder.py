@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, write_sources
-from models import CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
+from models import (CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, probe_report,
+                    save_checkpoint, view_targets)
 import train_decoder
 import train_encoder
 from train_encoder import augment, effective_rank, vicreg_terms
@@ -60,6 +61,37 @@ def test_effective_rank_counts_used_dimensions():
     full = torch.randn(1000, 8, generator=g)
     one = torch.randn(1000, 1, generator=g) * torch.ones(1, 8)
     assert effective_rank(full) > 7 and effective_rank(one) < 1.1
+
+
+def test_view_targets_fold_a_backwards_car_onto_what_the_frame_shows():
+    state = {"lateral": torch.tensor([2.0, 2.0, -3.0, 1.0]),
+             "heading_err": torch.tensor([0.3, 3.0, -2.9, -1.4])}
+    v = view_targets(state)
+    assert torch.allclose(v["lateral_view"], torch.tensor([2.0, -2.0, 3.0, 1.0], dtype=torch.float64))
+    expected = torch.tensor([0.3, 3.0 - torch.pi, -2.9 + torch.pi, -1.4], dtype=torch.float64)
+    assert torch.allclose(v["heading_view"], expected, atol=1e-6)
+
+
+def test_probe_report_reads_what_the_latent_holds():
+    """A latent that holds the car-frame offset and nose angle (as a frame does) but not which way the
+    track runs: the view probes read it, the track-frame lateral probe cannot on backwards cars."""
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        heading = (torch.rand(n, generator=g) * 2 - 1) * torch.pi
+        lateral = (torch.rand(n, generator=g) * 2 - 1) * 12
+        state = {"speed": torch.rand(n, generator=g) * 80, "yaw_rate": torch.randn(n, generator=g),
+                 "lateral": lateral, "heading_err": heading, "on_road": lateral.abs() < 6.7}
+        v = view_targets(state)
+        z = torch.stack([state["speed"], state["yaw_rate"], v["lateral_view"].float(), v["heading_view"].float(),
+                         state["on_road"].float() * 4 - 2, *torch.randn(3, n, generator=g) * 0.01], 1)
+        return z, state
+    (z_tr, s_tr), (z_va, s_va) = split(2000), split(500)
+    out = probe_report(z_tr, s_tr, z_va, s_va)
+    assert out["speed_r2"] > 0.99 and out["yaw_rate_r2"] > 0.99 and out["on_road_acc"] > 0.99
+    assert out["lateral_view_r2"] > 0.99 and out["heading_view_r2"] > 0.99
+    assert out["lateral_r2"] < 0.5                              # half the cars face backwards
+    assert 0.4 < out["facing_backwards_share_val"] < 0.6
 
 
 def test_encoder_shapes_and_latent_size():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+import drive_mpc
 from drive_mpc import MPCPolicy
 from models import CostModel, Predictor, TinyEncoder, save_checkpoint
 from train_predictor import file_hash
@@ -119,11 +120,21 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
-    for key in ("scores", "mean", "std", "tiles_fraction", "lap_finished", "plan_ms_median", "plan_ms_p95"):
+    for key in ("scores", "mean", "std", "tiles_fraction", "lap_finished", "off_road_share", "wrong_way_share",
+                "median_speed", "plan_ms_median", "plan_ms_p95"):
         assert key in report
     assert report["seeds"] == [7] and report["planner"] == planner and report["plan_ms_median"] > 0
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
+
+
+def test_episode_summary_counts_driving_the_wrong_way_on_the_road():
+    ep = {"score": 1.0, "tiles_fraction": 0.5, "lap_finished": False, "obs": np.zeros((4, 64, 64, 3), np.uint8),
+          "on_road": np.array([True, True, True, False]), "speed": np.array([10.0, 20.0, 30.0, 40.0]),
+          "heading_err": np.array([0.1, 3.0, -2.0, 3.1])}   # forward, backwards, backwards, backwards off-road
+    r = drive_mpc.episode_summary(ep)
+    assert r["wrong_way_share"] == 0.5 and r["off_road_share"] == 0.25 and r["median_speed"] == 25.0
+    assert "plan_ms" not in r
 
 
 def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):

@@ -122,6 +122,7 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     assert all((w / "logs" / f"{s}.log").exists() for s in (*pipeline.STAGES, "train_decoder"))
     report = (w / "report.md").read_text()
     assert f"Score **{drive['mean']:.1f} ± {drive['std']:.1f}**" in report
+    assert f"| {drive['wrong_way_share'][0]:.4g} | {drive['median_speed'][0]:.4g} |" in report
     for link in ("models/encoder_loss.png", "visuals/reconstruct_ep", "models/predictor_horizon.png",
                  "output_dream.gif", "drive_scores.png", "(drive.mp4)"):
         assert link in report, link
