@@ -1,6 +1,6 @@
 """Drive and evaluate: the energy-based MPC (the seed's final phase), or the expert for reference.
 
-    python drive_mpc.py                                   # MPC with models/*, window if there is a display
+    python drive_mpc.py                                   # MPC with the newest models, window if a display
     python drive_mpc.py --episodes 10 --seed 0 --json mpc.json --record drive.mp4
     python drive_mpc.py --planner shooting                # the seed's best-of-1,000 instead of iterative CEM
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
@@ -12,7 +12,8 @@ unseen tracks), prints each score and the mean +- std, and with --json writes {"
 With --collect DIR it drives training tracks instead (seeds >= 1,000,000, derived from --seed like the
 collectors') and stores the episodes in the episode format: data for the next round of the predictor and
 the judge (train_predictor.py --onpolicy-dirs DIR --init ...), so they learn the states the planner
-really reaches (measured on tuning tracks: README, "Learning from its own drives").
+really reaches (measured on tuning tracks: README, "Learning from its own drives"). Without --predictor and
+--cost it uses those of the last round, models/onpolicy{r}/, where there is one, else models/.
 
 Each control step the MPC (1) encodes the camera frame, (2) dreams `samples` action sequences of H
 steps from power-law coloured noise around the previous plan shifted by one step, (3) unrolls the
@@ -259,6 +260,15 @@ def _print(r: dict) -> None:
           f"({r['seconds']:.1f}s){extra}", flush=True)
 
 
+def latest_round(models_dir) -> Path:
+    """The folder of the newest predictor and judge: MODELS_DIR/onpolicy{r} of the last on-policy round that
+    holds both (round 0's judge has never seen the MPC's drives and cannot drive alone), else MODELS_DIR."""
+    rounds = [(int(d.name[len("onpolicy"):]), d) for d in Path(models_dir).glob("onpolicy*")
+              if d.name[len("onpolicy"):].isdigit()
+              and (d / "predictor_final.pth").exists() and (d / "cost_model_final.pth").exists()]
+    return max(rounds)[1] if rounds else Path(models_dir)
+
+
 def main(args):
     seeds = list(range(args.seed, args.seed + args.episodes))
     display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or os.name == "nt" \
@@ -267,8 +277,8 @@ def main(args):
     base = {"policy": args.policy, "device": args.device, "max_steps": args.max_steps, "render": render,
             "record": args.record, "threads": 0,
             "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
-            "predictor": args.predictor or f"{args.models_dir}/predictor_final.pth",
-            "cost": args.cost or f"{args.models_dir}/cost_model_final.pth",
+            "predictor": args.predictor or str(latest_round(args.models_dir) / "predictor_final.pth"),
+            "cost": args.cost or str(latest_round(args.models_dir) / "cost_model_final.pth"),
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount}}
@@ -278,6 +288,7 @@ def main(args):
             load_mpc(base)                          # fail now, with the stage to run, not in a worker
         except CheckpointError as e:
             raise SystemExit(f"cannot drive: {e}") from None
+        print(f"models: encoder {base['encoder']}, predictor {base['predictor']}, judge {base['cost']}", flush=True)
     if args.collect:
         from collection import run_collection
         if args.policy != "mpc":
@@ -313,8 +324,10 @@ def parser():
     g = p.add_argument_group("models")
     g.add_argument("--models-dir", default=MODELS_DIR)
     g.add_argument("--encoder", default=None, help="default: MODELS_DIR/encoder_final.pth")
-    g.add_argument("--predictor", default=None, help="default: MODELS_DIR/predictor_final.pth")
-    g.add_argument("--cost", default=None, help="default: MODELS_DIR/cost_model_final.pth")
+    g.add_argument("--predictor", default=None,
+                   help="default: predictor_final.pth of the last on-policy round (MODELS_DIR/onpolicy{r}/), "
+                        "else of MODELS_DIR")
+    g.add_argument("--cost", default=None, help="default: cost_model_final.pth, from the same folder")
     g = p.add_argument_group("planner")
     # iCEM by measurement: tuning tracks 500-511 with the on-policy models, 136.1 +- 146.1 vs 13.4 +- 61.3.
     g.add_argument("--planner", default="icem", choices=["shooting", "icem"],

@@ -137,6 +137,17 @@ def test_episode_summary_counts_driving_the_wrong_way_on_the_road():
     assert "plan_ms" not in r
 
 
+def test_the_last_on_policy_round_drives_by_default(tmp_path):
+    assert drive_mpc.latest_round(tmp_path) == tmp_path                     # no round yet: round 0's models
+    for r, files in ((1, ("predictor_final.pth", "cost_model_final.pth")), (2, ("predictor_final.pth",)),
+                     (10, ("predictor_final.pth", "cost_model_final.pth"))):
+        (tmp_path / f"onpolicy{r}").mkdir()
+        for f in files:
+            (tmp_path / f"onpolicy{r}" / f).write_bytes(b"")
+    (tmp_path / "onpolicy_old").mkdir()
+    assert drive_mpc.latest_round(tmp_path) == tmp_path / "onpolicy10"      # numeric order; round 2 is unfinished
+
+
 def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):
     save_checkpoint(tiny_models / "encoder_final.pth", "encoder", TinyEncoder(width=8, latent=16))   # retrained
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
