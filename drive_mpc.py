@@ -27,13 +27,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode
-from presets import CONTROL_PERIOD, MODELS_DIR, atomic_write, common_parser, default_workers, pick_device
+from presets import (CONTROL_PERIOD, MODELS_DIR, ONPOLICY_MODELS, atomic_write, common_parser, default_workers,
+                     pick_device)
 
 
 class MPCPolicy:
@@ -263,8 +265,8 @@ def _print(r: dict) -> None:
 def latest_round(models_dir) -> Path:
     """The folder of the newest predictor and judge: MODELS_DIR/onpolicy{r} of the last on-policy round that
     holds both (round 0's judge has never seen the MPC's drives and cannot drive alone), else MODELS_DIR."""
-    rounds = [(int(d.name[len("onpolicy"):]), d) for d in Path(models_dir).glob("onpolicy*")
-              if d.name[len("onpolicy"):].isdigit()
+    rounds = [(int(m.group(1)), d) for d in Path(models_dir).glob(f"{ONPOLICY_MODELS}*")
+              if (m := re.fullmatch(rf"{ONPOLICY_MODELS}(\d+)", d.name))
               and (d / "predictor_final.pth").exists() and (d / "cost_model_final.pth").exists()]
     return max(rounds)[1] if rounds else Path(models_dir)
 
@@ -274,11 +276,12 @@ def main(args):
     display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or os.name == "nt" \
         or os.uname().sysname == "Darwin"
     render = (args.render or display) and not args.headless and (args.workers or 1) == 1
+    latest = latest_round(args.models_dir)
     base = {"policy": args.policy, "device": args.device, "max_steps": args.max_steps, "render": render,
             "record": args.record, "threads": 0,
             "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
-            "predictor": args.predictor or str(latest_round(args.models_dir) / "predictor_final.pth"),
-            "cost": args.cost or str(latest_round(args.models_dir) / "cost_model_final.pth"),
+            "predictor": args.predictor or str(latest / "predictor_final.pth"),
+            "cost": args.cost or str(latest / "cost_model_final.pth"),
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount}}

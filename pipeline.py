@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from presets import DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, VISUALS_DIR, common_parser
+from presets import DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, VISUALS_DIR, common_parser
 
 HERE = Path(__file__).resolve().parent
 # Rounds of learning from the MPC's own drives: each collects drives with the latest predictor and judge,
@@ -122,7 +122,7 @@ def stages(args, w: Path) -> list[Stage]:
     judge = ["--epochs", str(judge_epochs)] if judge_epochs else []
     onpolicy, pred_r, cost_r, own = [], pred, cost, []
     for r in range(1, ONPOLICY_ROUNDS + 1):
-        d, out = w / f"{ONPOLICY_DIR}{r}", m / f"onpolicy{r}"
+        d, out = w / f"{ONPOLICY_DIR}{r}", m / f"{ONPOLICY_MODELS}{r}"
         # Drives collected with the shooting planner and the full energy, by measurement (tuning tracks 500-511,
         # the round's models driving with iCEM): 375.5 +- 177.5 after shooting drives, 162.9 +- 130.6 after
         # iCEM drives. Round 0's judge has not seen the MPC's drives and cannot drive alone (0-9: -25.0).

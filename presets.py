@@ -28,6 +28,8 @@ DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
 ONPOLICY_DIR = "data_onpolicy"
 SOURCES = (*DATA_DIRS, "onpolicy")
 MODELS_DIR = "models"
+# Each on-policy round's predictor and judge: MODELS_DIR/onpolicy{r}/ (pipeline.py writes, drive_mpc.py reads).
+ONPOLICY_MODELS = "onpolicy"
 VISUALS_DIR = "visuals"
 
 # Track seeds below this are reserved for evaluation (drive_mpc.py --seed S);
