@@ -10,7 +10,8 @@ Each row runs in its own subprocess, so its peak RSS is its own. Rows:
   loader     frames/s and H=15 windows/s from the frame cache (balanced batches)
   encoder    VICReg training images/s of the encoder at the chosen preset (random frames)
   predictor  T+15 predictor training windows/s at the chosen preset
-  planning   MPC milliseconds per decision (1,000 x 15) at the small and full sizes, both planners
+  planning   MPC milliseconds per decision (1,000 x 15) at the small and full sizes, both planners, and
+             iCEM with the expert prior (drive_mpc.py's default: its dream first, then the plan)
 """
 from __future__ import annotations
 
@@ -159,23 +160,25 @@ def bench_predictor(preset_name: str, device: str, steps: int) -> dict:
     return {"preset": preset_name, "predictor_windows_per_s": steps * b / (time.perf_counter() - t0)}
 
 
-def bench_planning(preset_name: str, device: str, planner: str, plans: int) -> dict:
-    """Milliseconds per MPC decision: encode one frame, 1,000 sequences x 15 steps, judge, pick."""
+def bench_planning(preset_name: str, device: str, planner: str, plans: int, prior: bool = False) -> dict:
+    """Milliseconds per MPC decision: encode one frame, (dream the prior's plan,) 1,000 sequences x 15 steps,
+    judge, pick."""
     import numpy as np
     import torch
     from drive_mpc import MPCPolicy
-    from models import CostModel, Predictor, TinyEncoder
+    from models import CostModel, ExpertPrior, Predictor, TinyEncoder
     from presets import pick_device, preset
     p = preset(preset_name)
     dev = torch.device(pick_device(device))
     lat = p["encoder"]["latent"]
     policy = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat).to(dev),
                        Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]).to(dev),
-                       CostModel(lat, p["cost"]["hidden"]).to(dev), dev, planner=planner)
+                       CostModel(lat, p["cost"]["hidden"]).to(dev), dev, planner=planner,
+                       prior=ExpertPrior(lat, p["prior"]["hidden"]).to(dev) if prior else None)
     policy.reset(np.random.default_rng(0))
     frame = np.zeros((64, 64, 3), np.uint8)
     ms = [float(policy.act(frame)[1]["plan_ms"]) for _ in range(plans + 2)][2:]      # 2 warm-up plans
-    return {"preset": preset_name, "planner": planner, "plan_ms_median": float(np.median(ms)),
+    return {"preset": preset_name, "planner": planner, "prior": prior, "plan_ms_median": float(np.median(ms)),
             "plan_ms_p95": float(np.percentile(ms, 95))}
 
 
@@ -203,8 +206,8 @@ def main(args):
             ("scaling", {"workers": workers, "episodes": 2 * workers, "steps": 150}),
             ("loader", {"seconds": 5.0}), ("encoder", {"preset_name": args.preset, "device": args.device, "steps": 10}),
             ("predictor", {"preset_name": args.preset, "device": args.device, "steps": 20})]
-    plan += [("planning", {"preset_name": size, "device": args.device, "planner": planner, "plans": 10})
-             for size in ("small", "full") for planner in ("shooting", "icem")]
+    plan += [("planning", {"preset_name": size, "device": args.device, "planner": planner, "plans": 10, "prior": prior})
+             for size in ("small", "full") for planner, prior in (("shooting", False), ("icem", False), ("icem", True))]
     for name, kw in plan:
         r = run_section(name, **kw)
         rows.append({"section": name, **r})

@@ -4,6 +4,8 @@
     python drive_mpc.py --episodes 10 --seed 0 --json mpc.json --record drive.mp4
     python drive_mpc.py --planner shooting                # the seed's best-of-1,000 instead of iterative CEM
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
+    python drive_mpc.py --prior none                      # no expert prior: plans from the shifted last plan only
+    python drive_mpc.py --policy prior                    # the expert prior alone, no world model (ablation)
     python drive_mpc.py --collect data_onpolicy1 --planner shooting --w-progress 1 --w-road 1 --episodes 32 --seed 1
 
 Drives track seeds S..S+N-1 (seeds below 1,000,000 never appear in collected data, so these are
@@ -16,9 +18,11 @@ really reaches (measured on tuning tracks: README, "Learning from its own drives
 --cost it uses those of the last round, models/onpolicy{r}/, where there is one, else models/.
 
 Each control step the MPC (1) encodes the camera frame, (2) dreams `samples` action sequences of H
-steps from power-law coloured noise around the previous plan shifted by one step, (3) unrolls the
-predictor for all of them in one batch, (4) sums the energy of every predicted transition, and
-(5) executes the first action of the lowest-energy sequence for one control period.
+steps from power-law coloured noise around a starting plan, (3) unrolls the predictor for all of them in
+one batch, (4) sums the energy of every predicted transition, and (5) executes the first action of the
+lowest-energy sequence for one control period. The starting plan is the expert prior's own drive dreamt
+through the predictor (train_prior.py; --prior none: the previous plan shifted by one step, as in the seed),
+and the energy adds how far each plan strays from what the prior would do in its dreamt states.
 Only the camera frame reaches the MPC: run_episode gives the simulator to privileged policies only.
 """
 from __future__ import annotations
@@ -46,10 +50,11 @@ class MPCPolicy:
     def __init__(self, encoder, predictor, cost, device, planner: str = "icem", samples: int = 1000,
                  horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
-                 discount: float = 1.0):
+                 discount: float = 1.0, prior=None, w_prior: float = 3.0):
         import torch
         self.torch, self.device = torch, device
         self.encoder, self.predictor, self.cost = encoder.eval(), predictor.eval(), cost.eval()
+        self.prior, self.w_prior = (prior.eval() if prior is not None else None), w_prior
         self.planner, self.samples, self.horizon, self.beta, self.sigma = planner, samples, horizon, beta, sigma
         self.iterations, self.elite_frac = iterations, elite_frac
         self.w = (w_progress, w_road, w_expert)
@@ -78,7 +83,22 @@ class MPCPolicy:
         # expert driving, so a car already off the road still sees which way is better.
         step = (-self.w[0] * out["progress"] * survival + self.w[1] * F.softplus(-out["road"])
                 + self.w[2] * F.softplus(-out["expert"]))
+        if self.prior is not None and self.w_prior:
+            # What the expert would do in each dreamt state: action h is taken in state h, seen with state h-1.
+            seen = torch.cat([hist[:, -2:].expand(n, 2, -1), z[:, :-1]], 1)                       # [N,H+1,D]
+            want = self.prior(seen[:, :-1], seen[:, 1:]).clamp(-1, 1)                             # [N,H,2]
+            step = step + self.w_prior * (torch.from_numpy(seqs).to(self.device) - want).pow(2).sum(-1)
         return (step * self.discount).sum(1)
+
+    def prior_plan(self, hist) -> np.ndarray:
+        """The prior's closed-loop drive in the dream: hist [1,2,D] -> plan [H,2] (steer, longitudinal)."""
+        plan = []
+        for _ in range(self.horizon):
+            a = self.prior(hist[:, -2], hist[:, -1]).clamp(-1, 1)                                     # [1,2]
+            plan.append(a[0].cpu().numpy())
+            actions = self.torch.from_numpy(longitudinal_to_action(plan[-1][0], plan[-1][1])).to(self.device)
+            hist = self.torch.cat([hist[:, 1:], self.predictor.rollout(hist, actions.view(1, 1, 3))], 1)
+        return np.stack(plan).astype(np.float32)
 
     def _noise(self, n: int) -> np.ndarray:
         return colored_noise(self.beta, (n, 2, self.horizon), self.rng).transpose(0, 2, 1)            # [n,H,2]
@@ -114,18 +134,45 @@ class MPCPolicy:
         self.elites = kept
         return best, best_e
 
+    def observe(self, frame: np.ndarray):
+        """Encode the camera frame: hist [1,2,D] (previous and current latent). Call in inference mode."""
+        z = self.encoder(self.torch.from_numpy(frame[None]).to(self.device)).float()                  # [1,D]
+        prev = self.z_prev if self.z_prev is not None else z
+        self.z_prev = z
+        return self.torch.stack([prev, z], 1)
+
     def act(self, frame: np.ndarray, sim=None):
         torch = self.torch
         t0 = time.perf_counter()
         with torch.inference_mode():
-            z = self.encoder(torch.from_numpy(frame[None]).to(self.device)).float()                   # [1,D]
-            prev = self.z_prev if self.z_prev is not None else z
-            hist = torch.stack([prev, z], 1)                                                          # [1,2,D]
+            hist = self.observe(frame)
+            if self.prior is not None:
+                # Measured (README, "The expert prior"): starting from the prior's dream drove faster and
+                # finished laps where the shifted last plan did not; the last plan's elites still compete.
+                self.plan = self.prior_plan(hist)
             best, energy = self._icem(hist) if self.planner == "icem" else self._shooting(hist)
-        self.z_prev = z
         self.plan = np.concatenate([best[1:], best[-1:]]).astype(np.float32)  # receding horizon warm start
         action = longitudinal_to_action(best[0, 0], best[0, 1])
         return action, {"energy": np.float32(energy), "plan_ms": np.float32(1000 * (time.perf_counter() - t0))}
+
+
+class PriorPolicy:
+    """The expert prior driving alone, without the world model: the ablation that shows what planning adds."""
+
+    privileged = False
+
+    def __init__(self, mpc: MPCPolicy):
+        self.mpc = mpc
+
+    def reset(self, rng: np.random.Generator) -> None:
+        self.mpc.reset(rng)
+
+    def act(self, frame: np.ndarray, sim=None):
+        t0 = time.perf_counter()
+        with self.mpc.torch.inference_mode():
+            hist = self.mpc.observe(frame)
+            steer, lon = self.mpc.prior(hist[:, 0], hist[:, 1]).clamp(-1, 1)[0].tolist()
+        return longitudinal_to_action(steer, lon), {"plan_ms": np.float32(1000 * (time.perf_counter() - t0))}
 
 
 def load_mpc(spec: dict):
@@ -137,16 +184,19 @@ def load_mpc(spec: dict):
     enc_ckpt = load_checkpoint(spec["encoder"], "encoder", device, stage="train_encoder.py")
     pred_ckpt = load_checkpoint(spec["predictor"], "predictor", device, stage="train_predictor.py")
     cost_ckpt = load_checkpoint(spec["cost"], "cost", device, stage="train_cost_model.py")
+    prior_ckpt = load_checkpoint(spec["prior"], "prior", device, stage="train_prior.py") if spec["prior"] else None
     key = file_hash(spec["encoder"])
-    for ckpt, stage in ((pred_ckpt, "train_predictor.py"), (cost_ckpt, "train_cost_model.py")):
+    trained = [(pred_ckpt, "train_predictor.py"), (cost_ckpt, "train_cost_model.py")]
+    for ckpt, stage in trained + ([(prior_ckpt, "train_prior.py")] if prior_ckpt else []):
         if ckpt.get("encoder_hash") != key:
             raise CheckpointError(f"{stage.replace('train_', '').replace('.py', '')} checkpoint was trained on "
                                   f"another encoder than {spec['encoder']}: run {stage} again")
     if cost_ckpt.get("predictor_hash", file_hash(spec["predictor"])) != file_hash(spec["predictor"]):
         raise CheckpointError(f"the cost model learned from another predictor's dreams than {spec['predictor']}: "
                               "run train_cost_model.py again")
+    prior = build(prior_ckpt, device) if prior_ckpt else None
     return MPCPolicy(build(enc_ckpt, device), build(pred_ckpt, device), build(cost_ckpt, device), device,
-                     **spec["mpc"])
+                     prior=prior, **spec["mpc"])
 
 
 class OnPolicyDriver:
@@ -197,7 +247,7 @@ def _drive(job: dict) -> dict:
     if job["threads"]:
         import torch
         torch.set_num_threads(job["threads"])
-    policy = Expert() if job["policy"] == "expert" else load_mpc(job)
+    policy = {"expert": Expert, "mpc": lambda: load_mpc(job), "prior": lambda: PriorPolicy(load_mpc(job))}[job["policy"]]()
     env = make_env("human" if job["render"] else None)
     recorder = Recorder(job["record"]) if job["record"] else None
     t0 = time.perf_counter()
@@ -246,11 +296,12 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
               "wrong_way_share": [round(r["wrong_way_share"], 4) for r in results],
               "median_speed": [round(r["median_speed"], 2) for r in results],
               "control_period": CONTROL_PERIOD}
-    if base["policy"] == "mpc":
+    if base["policy"] != "expert":
         ms = np.concatenate([r["plan_ms"] for r in results])
-        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"],
-                       "plan_ms_median": round(float(np.median(ms)), 2),
-                       "plan_ms_p95": round(float(np.percentile(ms, 95)), 2)})
+        report.update({"plan_ms_median": round(float(np.median(ms)), 2),
+                       "plan_ms_p95": round(float(np.percentile(ms, 95)), 2), "prior": base["prior"]})
+    if base["policy"] == "mpc":
+        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"]})
     return report
 
 
@@ -282,16 +333,21 @@ def main(args):
             "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
             "predictor": args.predictor or str(latest / "predictor_final.pth"),
             "cost": args.cost or str(latest / "cost_model_final.pth"),
+            "prior": None if args.prior == "none" else (args.prior or f"{args.models_dir}/prior_final.pth"),
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
-                    "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount}}
-    if args.policy == "mpc":
+                    "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
+                    "w_prior": args.w_prior}}
+    if args.policy == "prior" and not base["prior"]:
+        raise SystemExit("--policy prior drives with the expert prior: give --prior PATH, not none")
+    if args.policy != "expert":
         from models import CheckpointError
         try:
             load_mpc(base)                          # fail now, with the stage to run, not in a worker
         except CheckpointError as e:
             raise SystemExit(f"cannot drive: {e}") from None
-        print(f"models: encoder {base['encoder']}, predictor {base['predictor']}, judge {base['cost']}", flush=True)
+        print(f"models: encoder {base['encoder']}, predictor {base['predictor']}, judge {base['cost']}, "
+              f"prior {base['prior']}", flush=True)
     if args.collect:
         from collection import run_collection
         if args.policy != "mpc":
@@ -313,7 +369,8 @@ def main(args):
 def parser():
     p = common_parser(__doc__.splitlines()[0])
     g = p.add_argument_group("driving")
-    g.add_argument("--policy", default="mpc", choices=["mpc", "expert"], help="who drives")
+    g.add_argument("--policy", default="mpc", choices=["mpc", "expert", "prior"],
+                   help="who drives: the MPC, the privileged expert, or the expert prior alone (ablation)")
     g.add_argument("--episodes", type=int, default=1, help="number of tracks: seeds S..S+N-1")
     g.add_argument("--json", default=None, help="write the scores report here")
     g.add_argument("--record", default=None, help="save the first episode as .mp4 or .gif")
@@ -331,6 +388,8 @@ def parser():
                    help="default: predictor_final.pth of the last on-policy round (MODELS_DIR/onpolicy{r}/), "
                         "else of MODELS_DIR")
     g.add_argument("--cost", default=None, help="default: cost_model_final.pth, from the same folder")
+    g.add_argument("--prior", default=None,
+                   help="expert prior checkpoint (default: MODELS_DIR/prior_final.pth); none: plan without it")
     g = p.add_argument_group("planner")
     # iCEM by measurement: tuning tracks 500-511 with the on-policy models, 136.1 +- 146.1 vs 13.4 +- 61.3.
     g.add_argument("--planner", default="icem", choices=["shooting", "icem"],
@@ -347,6 +406,10 @@ def parser():
     g.add_argument("--w-road", type=float, default=0.0, help="energy weight of predicted off-road")
     g.add_argument("--w-expert", type=float, default=1.0, help="energy weight of the discriminator")
     g.add_argument("--discount", type=float, default=1.0, help="per-step discount of the energy")
+    # 3 by measurement (README, "The expert prior": tuning tracks 500-511, prior A, 850.3 +- 135.7 against
+    # 785.7 +- 217.9 at 1).
+    g.add_argument("--w-prior", type=float, default=3.0,
+                   help="energy weight of the squared distance between a plan's actions and the prior's")
     return p
 
 

@@ -3,6 +3,9 @@
     TinyEncoder   uint8 frame [B,64,64,3] -> latent [B,D]          (ResNet18 from torchvision blocks)
     Expander      latent [B,D] -> VICReg embedding [B,E]           (training only)
     TinyDecoder   latent [B,D] -> RGB [B,3,64,64] in 0..1          (debugging the latent by eye)
+    Predictor     (z_{t-1}, z_t, a_t) -> z_{t+1}                    (the dream)
+    CostModel     (z_t, z_{t+1}) -> expert / on-road / progress      (the judge)
+    ExpertPrior   (z_{t-1}, z_t) -> the expert's (steer, longitudinal) (the planner's first guess)
 
 A checkpoint is one dict: {"format", "kind", "config", "model", ...training state}. `config` rebuilds
 the model (`build(ckpt)`), so no later stage needs flags that match an earlier one. Files are written
@@ -200,8 +203,39 @@ class CostModel(nn.Module):
         return {"expert": out[..., 0], "road": out[..., 1], "progress": out[..., 2]}
 
 
+class ExpertPrior(nn.Module):
+    """The planner's first guess: (z_{t-1}, z_t) [B,D] each -> the expert's action at t [B,2] as
+    (steer, longitudinal) in [-1, 1] (longitudinal: gas positive, brake negative), by behaviour cloning.
+
+    The previous latent rides along for the same reason as in the predictor: one frame hardly shows the
+    car's motion. `members` networks from different initialisations are averaged: cloned from a few dozen
+    expert laps, single networks drove very differently from one training run to the next (README, "The
+    expert prior"). The output is unbounded (trained by mean squared error on targets in [-1, 1]); callers
+    clip it to the action bounds.
+    """
+
+    def __init__(self, latent: int = 512, hidden: int = 256, members: int = 1):
+        super().__init__()
+        self.config = {"latent": latent, "hidden": hidden, "members": members}
+        self.register_buffer("mu", torch.zeros(2 * latent))
+        self.register_buffer("sd", torch.ones(2 * latent))
+        self.nets = nn.ModuleList(
+            nn.Sequential(nn.Linear(2 * latent, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                          nn.Linear(hidden, 2)) for _ in range(members))
+
+    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
+        self.mu.copy_(mu)
+        self.sd.copy_(sd.clamp_min(1e-6))
+
+    def forward(self, z_prev: torch.Tensor, z_now: torch.Tensor, every: bool = False) -> torch.Tensor:
+        """-> [...,2], the members' mean; every=True: [members,...,2], each member's own (for training)."""
+        x = (torch.cat([z_prev, z_now], -1) - self.mu) / self.sd
+        out = torch.stack([net(x) for net in self.nets])
+        return out if every else out.mean(0)
+
+
 MODELS = {"encoder": TinyEncoder, "expander": Expander, "decoder": TinyDecoder, "predictor": Predictor,
-          "cost": CostModel}
+          "cost": CostModel, "prior": ExpertPrior}
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -10,7 +10,8 @@ lands under the work directory: data_race/, data_recovery/, data/ (each with sum
 visuals/, output_dream.gif, drive.json, drive.mp4, logs/<stage>.log, drive_scores.png and report.md.
 After the judge come ONPOLICY_ROUNDS rounds of learning from the MPC's own drives on training tracks
 (drive_mpc.py --collect -> data_onpolicy{r}/, then train_predictor.py --init and train_cost_model.py on
-all sources -> models/onpolicy{r}/); the final drive uses the last round's predictor and judge.
+all sources -> models/onpolicy{r}/); the final drive uses the last round's predictor and judge, and the
+expert prior (train_prior.py) as the planner's first guess.
 train_decoder.py runs beside train_encoder.py (on the second GPU when there are two; leave --device
 at auto for that, since --device is passed to every stage).
 
@@ -43,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 ONPOLICY_ROUNDS = 1
 # In the seed's order, then the on-policy rounds; stages() builds them in this order.
 STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_encoder", "train_predictor",
-          "visualise_dream", "train_cost_model",
+          "visualise_dream", "train_prior", "train_cost_model",
           *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
             for s in ("collect", "train_predictor", "train_cost_model")),
           "drive_mpc")
@@ -112,6 +113,7 @@ def stages(args, w: Path) -> list[Stage]:
     train = seeded + [a for s, d in data.items() for a in (f"--{s}-dir", str(d))]     # --race-dir DIR ...
     resume = ["--resume"] if args.resume else []
     enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
+    prior = m / "prior_final.pth"
     run = RUN[args.preset]
     cap = ["--max-steps", str(run["max_steps"])] if run["max_steps"] else []     # tiny cuts every drive short
     drive = ["--episodes", str(run["episodes"]), *cap]
@@ -126,8 +128,10 @@ def stages(args, w: Path) -> list[Stage]:
         # Drives collected with the shooting planner and the full energy, by measurement (tuning tracks 500-511,
         # the round's models driving with iCEM): 375.5 +- 177.5 after shooting drives, 162.9 +- 130.6 after
         # iCEM drives. Round 0's judge has not seen the MPC's drives and cannot drive alone (0-9: -25.0).
+        # Without the expert prior: the round was measured so, and it is the planner's own habits the judge
+        # must learn to tell from the expert's.
         collect = common + ["--seed", str(args.seed + r), "--headless", *models(pred_r, cost_r), "--collect", str(d),
-                            "--planner", "shooting", "--w-progress", "1", "--w-road", "1",
+                            "--planner", "shooting", "--w-progress", "1", "--w-road", "1", "--prior", "none",
                             "--episodes", str(episodes), *cap]
         own.append(d)
         mine = train + ["--onpolicy-dirs", *map(str, own), "--encoder", str(enc)]
@@ -159,13 +163,15 @@ def stages(args, w: Path) -> list[Stage]:
         Stage("visualise_dream", train + ["--encoder", str(enc), "--predictor", str(pred), "--decoder",
                                           str(m / "decoder.pth"), "--out-dir", str(w), "--out", "output_dream.gif"],
               [enc, pred, m / "decoder.pth", *data.values()], [w / "output_dream.gif"]),
+        Stage("train_prior", train + ["--encoder", str(enc), "--out-dir", str(m)], [enc, *data.values()],
+              [prior, m / "prior_stats.json"]),
         Stage("train_cost_model", train + ["--encoder", str(enc), "--predictor", str(pred), "--out-dir", str(m)],
               [enc, pred, *data.values()], [cost, m / "cost_model_stats.json"]),
         *onpolicy,
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
-        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), *drive,
-                                     "--json", str(w / "drive.json"), "--record", str(w / "drive.mp4")],
-              [enc, pred_r, cost_r], [w / "drive.json", w / "drive.mp4"]),
+        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), "--prior", str(prior),
+                                     *drive, "--json", str(w / "drive.json"), "--record", str(w / "drive.mp4")],
+              [enc, pred_r, cost_r, prior], [w / "drive.json", w / "drive.mp4"]),
     ]
 
 
@@ -298,6 +304,10 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += ["## Cost model (held-out)", "", *_table(
             ["expert AUC", "expert ECE", "on-road accuracy", "progress R²"],
             [[val["expert_auc"], val["expert_calibration"]["ece"], val["road_accuracy"], val["progress_r2"]]])]
+    if prior := _json(m / "prior_stats.json"):
+        out += ["## Expert prior (held-out expert steps)", "", *_table(
+            ["steer R²", "longitudinal R²", "training steps"],
+            [[prior["val"]["steer_r2"], prior["val"]["longitudinal_r2"], prior["train_steps"]]])]
     if drive := _json(w / "drive.json"):
         plot_scores(drive, w / "drive_scores.png")
         cut = RUN[preset]["max_steps"]

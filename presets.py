@@ -48,6 +48,7 @@ PRESETS: dict[str, dict] = {
         "decoder": {"width": 8, "steps": 5, "batch_size": 24},
         "predictor": {"hidden": 64, "layers": 2, "epochs": 2, "batch_size": 32, "batches_per_epoch": 5},
         "cost": {"hidden": 32, "epochs": 2},
+        "prior": {"hidden": 32, "members": 1, "epochs": 2},
     },
     "small": {
         "frames": {"race": 6_000, "recovery": 6_000, "random": 6_000},
@@ -57,6 +58,7 @@ PRESETS: dict[str, dict] = {
         "decoder": {"width": 16, "steps": 200, "batch_size": 64},
         "predictor": {"hidden": 256, "layers": 2, "epochs": 20, "batch_size": 256, "batches_per_epoch": 100},
         "cost": {"hidden": 128, "epochs": 20},
+        "prior": {"hidden": 256, "members": 1, "epochs": 30},
     },
     "full": {
         # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames; the seed's ResNet18.
@@ -67,6 +69,7 @@ PRESETS: dict[str, dict] = {
         "decoder": {"width": 64, "steps": 1000, "batch_size": 128},
         "predictor": {"hidden": 1024, "layers": 3, "epochs": 30, "batch_size": 1024, "batches_per_epoch": None},
         "cost": {"hidden": 512, "epochs": 10},
+        "prior": {"hidden": 512, "members": 1, "epochs": 10},
     },
 }
 

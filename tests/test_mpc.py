@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 import drive_mpc
 from drive_mpc import MPCPolicy
-from models import CostModel, Predictor, TinyEncoder, save_checkpoint
+from models import CostModel, ExpertPrior, Predictor, TinyEncoder, save_checkpoint
 from train_predictor import file_hash
 
 TARGET = (0.6, 0.3)          # (steer, longitudinal) that the hand-built judge likes best
@@ -108,22 +108,28 @@ def tiny_models(tmp_path):
     key = file_hash(enc)
     save_checkpoint(tmp_path / "predictor_final.pth", "predictor", Predictor(16, 32, 1, 1), encoder_hash=key)
     save_checkpoint(tmp_path / "cost_model_final.pth", "cost", CostModel(16, 16), encoder_hash=key)
+    save_checkpoint(tmp_path / "prior_final.pth", "prior", ExpertPrior(16, 16), encoder_hash=key)
     return tmp_path
 
 
-@pytest.mark.parametrize("planner", ["shooting", "icem"])
-def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_models, tmp_path, planner):
+@pytest.mark.parametrize("policy,planner,prior", [("mpc", "shooting", "none"), ("mpc", "icem", None),
+                                                  ("prior", "icem", None)])
+def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_models, tmp_path, policy, planner,
+                                                                       prior):
     out = tmp_path / "mpc.json"
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
                         "--episodes", "1", "--seed", "7", "--max-steps", "8", "--samples", "100",
-                        "--planner", planner, "--json", str(out), "--record", str(tmp_path / "d.mp4")],
+                        "--policy", policy, "--planner", planner, "--json", str(out),
+                        "--record", str(tmp_path / "d.mp4"), *(["--prior", prior] if prior else [])],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     for key in ("scores", "mean", "std", "tiles_fraction", "lap_finished", "off_road_share", "wrong_way_share",
-                "median_speed", "plan_ms_median", "plan_ms_p95"):
+                "median_speed", "plan_ms_median", "plan_ms_p95", "prior"):
         assert key in report
-    assert report["seeds"] == [7] and report["planner"] == planner and report["plan_ms_median"] > 0
+    assert report["seeds"] == [7] and report["plan_ms_median"] > 0 and report["policy"] == policy
+    assert report["prior"] == (None if prior == "none" else str(tiny_models / "prior_final.pth"))
+    assert report.get("planner") == (planner if policy == "mpc" else None)
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
 
@@ -153,6 +159,17 @@ def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
                         "--max-steps", "2"], capture_output=True, text=True)
     assert r.returncode != 0 and "run train_predictor.py again" in r.stderr
+    key = file_hash(tiny_models / "encoder_final.pth")
+    for name, kind, model in (("predictor_final.pth", "predictor", Predictor(16, 32, 1, 1)),
+                              ("cost_model_final.pth", "cost", CostModel(16, 16))):
+        save_checkpoint(tiny_models / name, kind, model, encoder_hash=key)
+    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
+                        "--max-steps", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "run train_prior.py again" in r.stderr                 # only the prior is stale
+    (tiny_models / "prior_final.pth").unlink()
+    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
+                        "--max-steps", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "run train_prior.py first" in r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models / "none"),
                         "--headless", "--max-steps", "2"], capture_output=True, text=True)
     assert r.returncode != 0 and "run train_encoder.py first" in r.stderr

@@ -86,6 +86,10 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         assert collect[collect.index("--episodes") + 1] == str(drives)
         assert (judge[judge.index("--epochs") + 1] == str(judge_epochs)) if judge_epochs else "--epochs" not in judge
         assert "--epochs" not in built["train_cost_model"]              # round 0's judge keeps the preset's
+        # the round's drives are the planner's own, without the expert prior; the final drive uses it
+        assert collect[collect.index("--prior") + 1] == "none"
+        drive = built["drive_mpc"]
+        assert drive[drive.index("--prior") + 1] == str(ROOT / "unused" / "models" / "prior_final.pth")
 
 
 # ---------------------------------------------------------------- failures
@@ -123,6 +127,7 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     report = (w / "report.md").read_text()
     assert f"Score **{drive['mean']:.1f} ± {drive['std']:.1f}**" in report
     assert f"| {drive['wrong_way_share'][0]:.4g} | {drive['median_speed'][0]:.4g} |" in report
+    assert "## Expert prior" in report and (w / "models" / "prior_final.pth").exists()
     for link in ("models/encoder_loss.png", "visuals/reconstruct_ep", "models/predictor_horizon.png",
                  "output_dream.gif", "drive_scores.png", "(drive.mp4)"):
         assert link in report, link
