@@ -50,7 +50,7 @@ class MPCPolicy:
     def __init__(self, encoder, predictor, cost, device, planner: str = "icem", samples: int = 1000,
                  horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
-                 discount: float = 1.0, prior=None, w_prior: float = 3.0):
+                 discount: float = 1.0, prior=None, w_prior: float = 1.0):
         import torch
         self.torch, self.device = torch, device
         self.encoder, self.predictor, self.cost = encoder.eval(), predictor.eval(), cost.eval()
@@ -247,7 +247,8 @@ def _drive(job: dict) -> dict:
     if job["threads"]:
         import torch
         torch.set_num_threads(job["threads"])
-    policy = {"expert": Expert, "mpc": lambda: load_mpc(job), "prior": lambda: PriorPolicy(load_mpc(job))}[job["policy"]]()
+    make = {"expert": Expert, "mpc": lambda: load_mpc(job), "prior": lambda: PriorPolicy(load_mpc(job))}
+    policy = make[job["policy"]]()
     env = make_env("human" if job["render"] else None)
     recorder = Recorder(job["record"]) if job["record"] else None
     t0 = time.perf_counter()
@@ -406,9 +407,9 @@ def parser():
     g.add_argument("--w-road", type=float, default=0.0, help="energy weight of predicted off-road")
     g.add_argument("--w-expert", type=float, default=1.0, help="energy weight of the discriminator")
     g.add_argument("--discount", type=float, default=1.0, help="per-step discount of the energy")
-    # 3 by measurement (README, "The expert prior": tuning tracks 500-511, prior A, 850.3 +- 135.7 against
-    # 785.7 +- 217.9 at 1).
-    g.add_argument("--w-prior", type=float, default=3.0,
+    # 1 by measurement with train_prior.py's default prior (README, "The expert prior"; tuning tracks 500-511
+    # and 512-523: 804.9 +- 99.6 and 806.9 +- 106.0 against 798.0 +- 82.8 and 770.4 +- 181.2 at 3).
+    g.add_argument("--w-prior", type=float, default=1.0,
                    help="energy weight of the squared distance between a plan's actions and the prior's")
     return p
 

@@ -120,6 +120,18 @@ def add_data_args(parser: argparse.ArgumentParser):
     return g
 
 
+def add_head_args(parser: argparse.ArgumentParser):
+    """Training flags of the small networks on frozen latents (the judge, the expert prior); returns the group.
+    hidden and epochs come from the preset when not given."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--hidden", type=int, default=None, help="hidden width")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    return g
+
+
 def data_dirs(args: argparse.Namespace) -> dict[str, str]:
     """{source: folder} from the flags add_data_args() made: the three sources, then onpolicy1, onpolicy2, ..."""
     dirs = {source: getattr(args, f"{source}_dir") for source in DATA_DIRS}

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import CostModel, build, load_checkpoint, r2_score, save_checkpoint
-from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
+from presets import (MODELS_DIR, add_data_args, add_head_args, apply_preset, atomic_write, common_parser, data_dirs,
+                     pick_device)
 from train_predictor import file_hash, latent_caches
 
 
@@ -200,11 +201,7 @@ def parser():
     p.add_argument("--onpolicy-label", default="negative", choices=["exclude", "negative"],
                    help="the MPC's own drives (--onpolicy-dirs): not expert (the judge learns what tells the "
                         "planner's driving from the expert's), or labelled as --recovery-label says")
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    g = add_head_args(p)
     return p
 
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models import ExpertPrior, r2_score, save_checkpoint
-from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
+from presets import (MODELS_DIR, add_data_args, add_head_args, apply_preset, atomic_write, common_parser, data_dirs,
+                     pick_device)
 from train_predictor import latent_caches
 
 EXPERT_SOURCES = ("race", "recovery")
@@ -50,7 +51,8 @@ def evaluate(model: ExpertPrior, t: dict) -> dict:
     out = model(t["z_prev"], t["z_now"]).clamp(-1, 1).double()
     y = t["target"].double()
     model.train()
-    return {"steer_r2": round(r2_score(out[:, 0], y[:, 0]), 4), "longitudinal_r2": round(r2_score(out[:, 1], y[:, 1]), 4)}
+    return {"steer_r2": round(r2_score(out[:, 0], y[:, 0]), 4),
+            "longitudinal_r2": round(r2_score(out[:, 1], y[:, 1]), 4)}
 
 
 def main(args):
@@ -93,12 +95,8 @@ def parser():
     # Nearly every expert episode: held-out laps are coverage the prior lacks (README, "The expert prior":
     # tuning tracks 500-511, 798.0 +- 82.8 with 2% held out against 775.1 +- 96.2 with the usual 10%).
     p.set_defaults(val_frac=0.02)
-    p.add_argument("--hidden", type=int, default=None)
-    p.add_argument("--members", type=int, default=None, help="networks averaged (different initialisations)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    g = add_head_args(p)
+    g.add_argument("--members", type=int, default=None, help="networks averaged (different initialisations)")
     return p
 
 
