@@ -6,7 +6,8 @@
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
     python drive_mpc.py --prior none                      # no expert prior: plans from the shifted last plan only
     python drive_mpc.py --policy prior                    # the expert prior alone, no world model (ablation)
-    python drive_mpc.py --collect data_onpolicy1 --planner shooting --w-progress 1 --w-road 1 --episodes 32 --seed 1
+    python drive_mpc.py --collect data_onpolicy1 --planner shooting --w-progress 1 --w-road 1 --prior none \
+        --episodes 32 --seed 1
 
 Drives track seeds S..S+N-1 (seeds below 1,000,000 never appear in collected data, so these are
 unseen tracks), prints each score and the mean +- std, and with --json writes {"scores", "mean",
