@@ -136,7 +136,21 @@ class TinyDecoder(nn.Module):
         return torch.sigmoid(self.up(x))
 
 
-class Predictor(nn.Module):
+class Standardised(nn.Module):
+    """A network on latents standardised with its training set's mean/std, held as buffers `mu`, `sd` [dim],
+    so training and planning normalise identically."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(dim))
+        self.register_buffer("sd", torch.ones(dim))
+
+    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
+        self.mu.copy_(mu)
+        self.sd.copy_(sd.clamp_min(1e-6))
+
+
+class Predictor(Standardised):
     """Latent dynamics: (z_{t-history} .. z_t, a_t) -> z_{t+1}, predicted as a residual change of z_t.
 
     A single frame shows the speed gauge but hardly the yaw or the drift; the previous control step's
@@ -145,12 +159,10 @@ class Predictor(nn.Module):
     """
 
     def __init__(self, latent: int = 512, hidden: int = 1024, layers: int = 3, history: int = 1, action_dim: int = 3):
-        super().__init__()
+        super().__init__(latent)
         self.config = {"latent": latent, "hidden": hidden, "layers": layers, "history": history,
                        "action_dim": action_dim}
         self.history = history
-        self.register_buffer("mu", torch.zeros(latent))
-        self.register_buffer("sd", torch.ones(latent))
         dims = [latent * (history + 1) + action_dim] + [hidden] * layers
         blocks = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -158,10 +170,6 @@ class Predictor(nn.Module):
         self.net = nn.Sequential(*blocks, nn.Linear(hidden, latent))
         nn.init.zeros_(self.net[-1].weight)                        # starts as "nothing changes"
         nn.init.zeros_(self.net[-1].bias)
-
-    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
-        self.mu.copy_(mu)
-        self.sd.copy_(sd.clamp_min(1e-6))
 
     def rollout(self, z_hist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """z_hist [B,history+1,D] (oldest first), actions [B,H,3] -> predicted latents [B,H,D].
@@ -177,7 +185,7 @@ class Predictor(nn.Module):
         return torch.stack(out, 1) * self.sd + self.mu
 
 
-class CostModel(nn.Module):
+class CostModel(Standardised):
     """The judge: heads on a transition (z_t, z_{t+1}) of true or predicted latents [B,D] each.
 
     expert: logit that the transition is expert driving (low energy) rather than random (high);
@@ -186,16 +194,10 @@ class CostModel(nn.Module):
     """
 
     def __init__(self, latent: int = 512, hidden: int = 256):
-        super().__init__()
+        super().__init__(latent)
         self.config = {"latent": latent, "hidden": hidden}
-        self.register_buffer("mu", torch.zeros(latent))
-        self.register_buffer("sd", torch.ones(latent))
         self.trunk = nn.Sequential(nn.Linear(2 * latent, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
         self.heads = nn.Linear(hidden, 3)
-
-    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
-        self.mu.copy_(mu)
-        self.sd.copy_(sd.clamp_min(1e-6))
 
     def forward(self, z_now: torch.Tensor, z_next: torch.Tensor) -> dict:
         x = torch.cat([(z_now - self.mu) / self.sd, (z_next - self.mu) / self.sd], -1)
@@ -203,29 +205,23 @@ class CostModel(nn.Module):
         return {"expert": out[..., 0], "road": out[..., 1], "progress": out[..., 2]}
 
 
-class ExpertPrior(nn.Module):
+class ExpertPrior(Standardised):
     """The planner's first guess: (z_{t-1}, z_t) [B,D] each -> the expert's action at t [B,2] as
     (steer, longitudinal) in [-1, 1] (longitudinal: gas positive, brake negative), by behaviour cloning.
 
     The previous latent rides along for the same reason as in the predictor: one frame hardly shows the
-    car's motion. `members` networks from different initialisations are averaged: cloned from a few dozen
-    expert laps, single networks drove very differently from one training run to the next (README, "The
-    expert prior"). The output is unbounded (trained by mean squared error on targets in [-1, 1]); callers
+    car's motion. `members` > 1 averages networks from different initialisations (single networks cloned
+    from a few dozen expert laps drive very differently from one training run to the next; an average of
+    four measured no better, README "The expert prior", so presets use one). The output is unbounded (trained by mean squared error on targets in [-1, 1]); callers
     clip it to the action bounds.
     """
 
     def __init__(self, latent: int = 512, hidden: int = 256, members: int = 1):
-        super().__init__()
+        super().__init__(2 * latent)                                # (z_{t-1}, z_t) side by side
         self.config = {"latent": latent, "hidden": hidden, "members": members}
-        self.register_buffer("mu", torch.zeros(2 * latent))
-        self.register_buffer("sd", torch.ones(2 * latent))
         self.nets = nn.ModuleList(
             nn.Sequential(nn.Linear(2 * latent, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                           nn.Linear(hidden, 2)) for _ in range(members))
-
-    def set_normalisation(self, mu: torch.Tensor, sd: torch.Tensor) -> None:
-        self.mu.copy_(mu)
-        self.sd.copy_(sd.clamp_min(1e-6))
 
     def forward(self, z_prev: torch.Tensor, z_now: torch.Tensor, every: bool = False) -> torch.Tensor:
         """-> [...,2], the members' mean; every=True: [members,...,2], each member's own (for training)."""

@@ -201,7 +201,7 @@ def parser():
     p.add_argument("--onpolicy-label", default="negative", choices=["exclude", "negative"],
                    help="the MPC's own drives (--onpolicy-dirs): not expert (the judge learns what tells the "
                         "planner's driving from the expert's), or labelled as --recovery-label says")
-    g = add_head_args(p)
+    add_head_args(p)
     return p
 
 
