@@ -40,7 +40,7 @@ import numpy as np
 
 from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode
 from presets import (CONTROL_PERIOD, MODELS_DIR, ONPOLICY_MODELS, atomic_write, common_parser, default_workers,
-                     pick_device)
+                     pick_device, reuse_freed_memory)
 
 
 class MPCPolicy:
@@ -53,6 +53,7 @@ class MPCPolicy:
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
                  discount: float = 1.0, prior=None, w_prior: float = 1.0):
         import torch
+        reuse_freed_memory()
         self.torch, self.device = torch, device
         self.encoder, self.predictor, self.cost = encoder.eval(), predictor.eval(), cost.eval()
         self.prior, self.w_prior = (prior.eval() if prior is not None else None), w_prior

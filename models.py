@@ -339,7 +339,8 @@ class LinearProbe:
 
 
 def r2_score(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum().clamp_min(1e-12))
+    """1 - SSE / SST; for [N,K] targets pooled over the K columns, each around its own mean."""
+    return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(1e-12))
 
 
 def view_targets(state: dict) -> dict:
@@ -350,20 +351,26 @@ def view_targets(state: dict) -> dict:
     to the offset the frame shows, and its heading error differs by pi from the angle between the nose and
     the road's axis. So besides the track-frame labels the probes read:
     - lateral_view: offset from the centre line towards the car's right (= lateral when facing forward);
-    - heading_view: heading error folded into [-pi/2, pi/2] (the nose against the road's axis, + = left).
+    - heading_view: heading error folded into [-pi/2, pi/2] (the nose against the road's axis, + = left);
+    - heading_axial [N,2]: (cos 2h, sin 2h), the same angle without the fold's jump at +-pi/2. The road's
+      axis is a line, so its angle to the nose is defined modulo pi; a road square across the car looks the
+      same at +pi/2 and -pi/2, where heading_view jumps from one end of its range to the other. The doubled
+      angle is the continuous encoding of such an angle (sin 2h ~ 2h near 0: left/right as in heading_view).
     """
     h = state["heading_err"].double()
     backwards = torch.cos(h) < 0
     return {"lateral_view": torch.where(backwards, -state["lateral"].double(), state["lateral"].double()),
-            "heading_view": h - math.pi * torch.round(h / math.pi)}
+            "heading_view": h - math.pi * torch.round(h / math.pi),
+            "heading_axial": torch.stack([torch.cos(2 * h), torch.sin(2 * h)], -1)}
 
 
 def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict) -> dict:
     """Linear probes from latents [N,D] to privileged state (dicts of [N] tensors); fit on train, scored on val.
 
     R^2 for speed, yaw rate, lateral offset and heading error (the last two near the road, where the
-    road is in view, in the track's frame and as the camera sees them: view_targets), accuracy for
-    on-road vs grass, with the majority-class accuracy for reference.
+    road is in view, in the track's frame and as the camera sees them: view_targets, where heading_axial
+    is one ridge probe on the pair (cos 2h, sin 2h) with R^2 pooled over both), accuracy for on-road vs
+    grass, with the majority-class accuracy for reference.
     """
     out = {}
     near_tr, near_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD

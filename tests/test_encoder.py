@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, write_sources
-from models import (CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, probe_report,
-                    save_checkpoint, view_targets)
+from models import (CheckpointError, LinearProbe, TinyDecoder, TinyEncoder, build, load_checkpoint, probe_report,
+                    r2_score, save_checkpoint, view_targets)
 import train_decoder
 import train_encoder
 from train_encoder import augment, effective_rank, vicreg_terms
@@ -72,6 +72,32 @@ def test_view_targets_fold_a_backwards_car_onto_what_the_frame_shows():
     assert torch.allclose(v["heading_view"], expected, atol=1e-6)
 
 
+def test_the_axial_heading_is_continuous_where_the_folded_one_jumps():
+    """A latent that holds the road's axis as a picture does (one line, the same at +pi/2 and -pi/2):
+    the doubled angle is linear in it, the folded heading is not (it jumps between +-pi/2)."""
+    g = torch.Generator().manual_seed(0)
+    heading = (torch.rand(3000, generator=g) * 2 - 1) * torch.pi
+    state = {"lateral": torch.zeros(3000), "heading_err": heading}
+    v = view_targets(state)
+    assert torch.allclose(v["heading_axial"][:2], torch.tensor([[torch.cos(2 * heading[0]), torch.sin(2 * heading[0])],
+                                                                [torch.cos(2 * heading[1]), torch.sin(2 * heading[1])]],
+                                                               dtype=torch.float64), atol=1e-6)
+    edge = view_targets({"lateral": torch.zeros(2), "heading_err": torch.tensor([torch.pi / 2 - 0.01, -torch.pi / 2 + 0.01])})
+    assert (edge["heading_view"][0] - edge["heading_view"][1]).abs() > 3           # the fold jumps by ~pi
+    assert torch.allclose(edge["heading_axial"][0], edge["heading_axial"][1], atol=0.05)   # one picture, one target
+    z = v["heading_axial"].float()
+    axial = LinearProbe("ridge").fit(z[:2000], v["heading_axial"][:2000]).score(z[2000:], v["heading_axial"][2000:])
+    folded = LinearProbe("ridge").fit(z[:2000], v["heading_view"][:2000]).score(z[2000:], v["heading_view"][2000:])
+    assert axial > 0.99 and folded < 0.9
+
+
+def test_r2_pools_columns_around_their_own_means():
+    y = torch.tensor([[0.0, 10.0], [1.0, 12.0], [2.0, 14.0], [3.0, 16.0]], dtype=torch.float64)
+    assert r2_score(y, y) == 1.0
+    half = torch.stack([y[:, 0], torch.full((4,), 13.0, dtype=torch.float64)], 1)   # right on one, the mean on the other
+    assert abs(r2_score(half, y) - 1 / 5) < 1e-9          # SST 5 + 20, SSE 20 on the second column
+
+
 def test_probe_report_reads_what_the_latent_holds():
     """A latent that holds the car-frame offset and nose angle (as a frame does) but not which way the
     track runs: the view probes read it, the track-frame lateral probe cannot on backwards cars."""
@@ -84,12 +110,13 @@ def test_probe_report_reads_what_the_latent_holds():
                  "lateral": lateral, "heading_err": heading, "on_road": lateral.abs() < 6.7}
         v = view_targets(state)
         z = torch.stack([state["speed"], state["yaw_rate"], v["lateral_view"].float(), v["heading_view"].float(),
-                         state["on_road"].float() * 4 - 2, *torch.randn(3, n, generator=g) * 0.01], 1)
+                         *v["heading_axial"].float().T, state["on_road"].float() * 4 - 2,
+                         *torch.randn(3, n, generator=g) * 0.01], 1)
         return z, state
     (z_tr, s_tr), (z_va, s_va) = split(2000), split(500)
     out = probe_report(z_tr, s_tr, z_va, s_va)
     assert out["speed_r2"] > 0.99 and out["yaw_rate_r2"] > 0.99 and out["on_road_acc"] > 0.99
-    assert out["lateral_view_r2"] > 0.99 and out["heading_view_r2"] > 0.99
+    assert out["lateral_view_r2"] > 0.99 and out["heading_view_r2"] > 0.99 and out["heading_axial_r2"] > 0.99
     assert out["lateral_r2"] < 0.5                              # half the cars face backwards
     assert 0.4 < out["facing_backwards_share_val"] < 0.6
 
