@@ -53,7 +53,7 @@ class MPCPolicy:
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
                  discount: float = 1.0, prior=None, w_prior: float = 1.0):
         import torch
-        reuse_freed_memory()
+        reuse_freed_memory()            # each plan allocates and frees MBs of activations: keep them for reuse
         self.torch, self.device = torch, device
         self.encoder, self.predictor, self.cost = encoder.eval(), predictor.eval(), cost.eval()
         self.prior, self.w_prior = (prior.eval() if prior is not None else None), w_prior

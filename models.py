@@ -212,8 +212,8 @@ class ExpertPrior(Standardised):
     The previous latent rides along for the same reason as in the predictor: one frame hardly shows the
     car's motion. `members` > 1 averages networks from different initialisations (single networks cloned
     from a few dozen expert laps drive very differently from one training run to the next; an average of
-    four measured no better, README "The expert prior", so presets use one). The output is unbounded (trained by mean squared error on targets in [-1, 1]); callers
-    clip it to the action bounds.
+    four measured no better, README "The expert prior", so presets use one). The output is unbounded
+    (trained by mean squared error on targets in [-1, 1]); callers clip it to the action bounds.
     """
 
     def __init__(self, latent: int = 512, hidden: int = 256, members: int = 1):

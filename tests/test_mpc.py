@@ -184,8 +184,9 @@ from models import CostModel, ExpertPrior, Predictor, TinyEncoder
 from presets import preset
 p = preset("small")
 lat = p["encoder"]["latent"]
-mpc = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat), Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]),
-                CostModel(lat, p["cost"]["hidden"]), torch.device("cpu"), prior=ExpertPrior(lat, p["prior"]["hidden"]))
+mpc = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat),
+                Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]), CostModel(lat, p["cost"]["hidden"]),
+                torch.device("cpu"), prior=ExpertPrior(lat, p["prior"]["hidden"]))
 mpc.reset(np.random.default_rng(0))
 frame = np.zeros((64, 64, 3), np.uint8)
 for _ in range(3):                                    # the heap grows to its working size
