@@ -160,9 +160,8 @@ def bench_predictor(preset_name: str, device: str, steps: int) -> dict:
     return {"preset": preset_name, "predictor_windows_per_s": steps * b / (time.perf_counter() - t0)}
 
 
-def bench_planning(preset_name: str, device: str, planner: str, plans: int, prior: bool = False) -> dict:
-    """Milliseconds per MPC decision: encode one frame, (dream the prior's plan,) 1,000 sequences x 15 steps,
-    judge, pick."""
+def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", prior: bool = False):
+    """An MPCPolicy of the preset's sizes with untrained weights, reset: the cost of planning, not its quality."""
     import numpy as np
     import torch
     from drive_mpc import MPCPolicy
@@ -176,6 +175,14 @@ def bench_planning(preset_name: str, device: str, planner: str, plans: int, prio
                        CostModel(lat, p["cost"]["hidden"]).to(dev), dev, planner=planner,
                        prior=ExpertPrior(lat, p["prior"]["hidden"]).to(dev) if prior else None)
     policy.reset(np.random.default_rng(0))
+    return policy
+
+
+def bench_planning(preset_name: str, device: str, planner: str, plans: int, prior: bool = False) -> dict:
+    """Milliseconds per MPC decision: encode one frame, (dream the prior's plan,) 1,000 sequences x 15 steps,
+    judge, pick."""
+    import numpy as np
+    policy = preset_policy(preset_name, device, planner, prior)
     frame = np.zeros((64, 64, 3), np.uint8)
     ms = [float(policy.act(frame)[1]["plan_ms"]) for _ in range(plans + 2)][2:]      # 2 warm-up plans
     return {"preset": preset_name, "planner": planner, "prior": prior, "plan_ms_median": float(np.median(ms)),

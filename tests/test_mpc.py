@@ -177,17 +177,10 @@ def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):
 
 PAGE_FAULTS = """
 import resource, sys
-import numpy as np, torch
+import numpy as np
 sys.path.insert(0, sys.argv[1])
-from drive_mpc import MPCPolicy
-from models import CostModel, ExpertPrior, Predictor, TinyEncoder
-from presets import preset
-p = preset("small")
-lat = p["encoder"]["latent"]
-mpc = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat),
-                Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]), CostModel(lat, p["cost"]["hidden"]),
-                torch.device("cpu"), prior=ExpertPrior(lat, p["prior"]["hidden"]))
-mpc.reset(np.random.default_rng(0))
+from benchmark import preset_policy
+mpc = preset_policy("small", prior=True)
 frame = np.zeros((64, 64, 3), np.uint8)
 for _ in range(3):                                    # the heap grows to its working size
     mpc.act(frame)
