@@ -294,8 +294,19 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         keys = sorted({k for r in pred["val"].values() for k in r if k.startswith("ratio@")}, key=lambda k: int(k[6:]))
         out += [f"Held-out error / copy-baseline error, epoch {pred['epoch']}:", "",
                 *_table(["source", *keys], [[s, *(r.get(k, "-") for k in keys)] for s, r in pred["val"].items()])]
-    if probes := _json(m / "predictor_probes.json"):
-        out += ["Probes through prediction:", "", *_table(["probe", "value"], list(probes.items()))]
+    # Round 0's predictor, and the last on-policy round's: it has seen the planner's own drives.
+    rounds = [(int(d.name[len(ONPOLICY_MODELS):]), d / "predictor_probes.json") for d in m.glob(f"{ONPOLICY_MODELS}*")
+              if d.name[len(ONPOLICY_MODELS):].isdigit()]
+    for path in [m / "predictor_probes.json", *([max(rounds)[1]] if rounds else [])]:
+        if probes := _json(path):
+            by_source = probes.pop("leaving_road_by_source", {})
+            out += [f"Probes through prediction ({path.relative_to(w).as_posix()}):", "",
+                    *_table(["probe", "value"], list(probes.items()))]
+            keys = list(dict.fromkeys(k for r in by_source.values() for k in r))
+            out += ["Held-out windows that leave the road (on it now, off it h steps later): the share the on-road "
+                    "probe sees leave, from the dream and from the true latent, per source:", "",
+                    *_table(["source", *keys], [[s, *(r.get(k, "-") for k in keys)] for s, r in by_source.items()])
+                    ] if by_source else []
     if (w / "output_dream.gif").exists():
         out += ["## Dreams", "", "Real future | dreams under the real actions, hard left, full throttle, hard right:",
                 "", *_figure(w, w / "output_dream.gif", "dream")]

@@ -115,13 +115,27 @@ def plot_horizon(row: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def leaving_recall(probe: LinearProbe, pred: torch.Tensor, true: torch.Tensor, on_road: torch.Tensor, h: int) -> dict:
+    """pred, true [N,D]: predicted and true latents h steps ahead; on_road [N,H+1] (step 0 = now).
+    -> of the windows that leave the road (on at 0, off at h), the share the probe calls off, read from the
+    predicted and from the true latent, and their count; {} when no window leaves."""
+    left = on_road[:, 0].bool() & ~on_road[:, h].bool()
+    if not left.any():
+        return {}
+    return {f"leaving_road_recall@{h}_predicted": round(float((~probe.predict(pred[left])).double().mean()), 4),
+            f"leaving_road_recall@{h}_true_latent": round(float((~probe.predict(true[left])).double().mean()), 4),
+            f"leaving_road_windows@{h}": int(left.sum())}
+
+
 @torch.no_grad()
 def probe_through_prediction(model: Predictor, train: LatentCache, val: LatentCache, horizon: int, history: int,
                              device, n: int = 4000) -> dict:
     """Do predicted latents still carry the scene? Probes fit on true train latents, scored on predictions.
 
     Also the motion check: speed and yaw rate read from the predictor's input state (z_{t-1}, z_t)
-    against from z_t alone.
+    against from z_t alone; and whether a dream sees the car leave the road: of the windows on the road
+    at t and off it at t+h, the share the on-road probe calls off the road (recall; on-road accuracy alone
+    is dominated by the many windows that stay on the road).
     """
     rng = np.random.default_rng(1)
 
@@ -131,22 +145,30 @@ def probe_through_prediction(model: Predictor, train: LatentCache, val: LatentCa
             pool = cache.windows(s, horizon, history)
             parts.append(cache.gather(s, np.sort(rng.choice(pool, min(n // 3, len(pool)), replace=False)),
                                       horizon, history))
+            parts[-1]["source"] = np.full(len(parts[-1]["z"]), s)
         return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
     tr, va = windows(train), windows(val)
     pred = model.rollout(va["z"][:, :history + 1].to(device), va["action"].to(device)).cpu()
-    out = {}
+    out, by_source = {}, {}
     for key, kind in (("speed", "ridge"), ("on_road", "logistic")):
         probe = LinearProbe(kind).fit(tr["z"][:, history], tr[key][:, 0])
         for h in (5, 15):
             if h <= horizon:
                 out[f"{key}@{h}_predicted"] = round(probe.score(pred[:, h - 1], va[key][:, h]), 4)
                 out[f"{key}@{h}_true_latent"] = round(probe.score(va["z"][:, history + h], va[key][:, h]), 4)
+                if key == "on_road":
+                    out |= leaving_recall(probe, pred[:, h - 1], va["z"][:, history + h], va[key], h)
+                    # Per source too: the planner's own drives leave the road in ways the others do not.
+                    for s, name in enumerate(val.data.names):
+                        m = va["source"] == s
+                        by_source.setdefault(name, {}).update(
+                            leaving_recall(probe, pred[m, h - 1], va["z"][m, history + h], va[key][m], h))
     for key in ("speed", "yaw_rate"):
         state_tr, state_va = tr["z"][:, :history + 1].flatten(1), va["z"][:, :history + 1].flatten(1)
         out[f"{key}_r2_from_input_state"] = round(LinearProbe().fit(state_tr, tr[key][:, 0]).score(state_va, va[key][:, 0]), 4)
         out[f"{key}_r2_from_current_latent"] = round(
             LinearProbe().fit(tr["z"][:, history], tr[key][:, 0]).score(va["z"][:, history], va[key][:, 0]), 4)
-    return out
+    return out | {"leaving_road_by_source": {k: v for k, v in by_source.items() if v}}
 
 
 def main(args):

@@ -141,6 +141,12 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
             assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
         assert (w / "models" / f"onpolicy{r}" / "cost_model_final.pth").exists()
     assert f"data_onpolicy{pipeline.ONPOLICY_ROUNDS}" in report
+    last = f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/predictor_probes.json"
+    assert "Probes through prediction (models/predictor_probes.json)" in report and f"({last})" in report
+    by_source = json.loads((w / last).read_text())["leaving_road_by_source"]
+    assert by_source and "Held-out windows that leave the road" in report
+    for source, r in by_source.items():                                       # a row per source, its recall first
+        assert f"| {source} | {r[next(iter(r))]:.4g} |" in report
 
 
 def test_a_second_run_skips_every_stage(tiny_run):

@@ -1,13 +1,15 @@
 """Latent cache, predictor rollouts and the honesty of the copy-baseline metric."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache
-from models import Predictor, TinyEncoder, load_checkpoint, save_checkpoint
+from models import LinearProbe, Predictor, TinyEncoder, load_checkpoint, save_checkpoint
 import train_predictor
-from train_predictor import evaluate, latent_caches
+from train_predictor import evaluate, latent_caches, leaving_recall
 
 
 def tag_encode(frames):
@@ -80,6 +82,26 @@ def test_a_predictor_that_returns_its_input_scores_exactly_one(sources):
         assert result[name]["ratio@1"] == 1.0 and result[name]["ratio@5"] == 1.0
 
 
+def test_leaving_recall_counts_only_windows_that_leave_the_road():
+    # latent dim 0 holds "on the road" (+1) or "off" (-1); the probe reads it
+    z = torch.tensor([[1.0], [-1.0]]).repeat(50, 1) + 0.01 * torch.randn(100, 1)
+    probe = LinearProbe("logistic").fit(z, (z[:, 0] > 0).double())
+    # windows 0-9 leave the road by step 3 (one of them only at step 2), 10-19 stay on, 20-29 start off
+    on_road = torch.ones(30, 4)
+    on_road[:10, 3] = 0
+    on_road[0, 2:] = 0
+    on_road[20:] = 0
+    true = torch.where(on_road[:, 3:4] > 0, 1.0, -1.0)                       # [30,1] the truth at step 3
+    blind = torch.ones(30, 1)                                                 # a dream that never leaves
+    seeing = true.clone()
+    seeing[:4] = 1.0                                                          # sees 6 of the 10 leave
+    r = leaving_recall(probe, blind, true, on_road, 3)
+    assert r == {"leaving_road_recall@3_predicted": 0.0, "leaving_road_recall@3_true_latent": 1.0,
+                 "leaving_road_windows@3": 10}
+    assert leaving_recall(probe, seeing, true, on_road, 3)["leaving_road_recall@3_predicted"] == 0.6
+    assert leaving_recall(probe, blind, true, torch.ones(30, 4), 3) == {}      # nobody leaves: no figure
+
+
 def test_train_predictor_runs_end_to_end_and_writes_its_outputs(sources, tmp_path):
     enc = tmp_path / "enc.pth"
     save_checkpoint(enc, "encoder", TinyEncoder(width=8, latent=16))
@@ -91,6 +113,9 @@ def test_train_predictor_runs_end_to_end_and_writes_its_outputs(sources, tmp_pat
     stats = [l for l in (tmp_path / "m" / "predictor_stats.jsonl").read_text().splitlines()]
     assert len(stats) == 3 and (tmp_path / "m" / "predictor_horizon.png").exists()
     assert (tmp_path / "m" / "predictor_final.pth").exists() and (tmp_path / "m" / "predictor_probes.json").exists()
+    probes = json.loads((tmp_path / "m" / "predictor_probes.json").read_text())
+    assert set(probes["leaving_road_by_source"]) <= {"race", "recovery", "random"}
+    assert load_checkpoint(tmp_path / "m" / "predictor_final.pth", "predictor")["probes"] == probes
 
 
 def test_init_warm_starts_from_a_predictor_and_onpolicy_dirs_add_sources(sources, tmp_path):
