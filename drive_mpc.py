@@ -32,14 +32,13 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode
-from presets import (CONTROL_PERIOD, MODELS_DIR, ONPOLICY_MODELS, atomic_write, common_parser, default_workers,
+from presets import (CONTROL_PERIOD, MODELS_DIR, atomic_write, common_parser, default_workers, onpolicy_rounds,
                      pick_device, reuse_freed_memory)
 
 
@@ -319,10 +318,8 @@ def _print(r: dict) -> None:
 def latest_round(models_dir) -> Path:
     """The folder of the newest predictor and judge: MODELS_DIR/onpolicy{r} of the last on-policy round that
     holds both (round 0's judge has never seen the MPC's drives and cannot drive alone), else MODELS_DIR."""
-    rounds = [(int(m.group(1)), d) for d in Path(models_dir).glob(f"{ONPOLICY_MODELS}*")
-              if (m := re.fullmatch(rf"{ONPOLICY_MODELS}(\d+)", d.name))
-              and (d / "predictor_final.pth").exists() and (d / "cost_model_final.pth").exists()]
-    return max(rounds)[1] if rounds else Path(models_dir)
+    rounds = onpolicy_rounds(models_dir, "predictor_final.pth", "cost_model_final.pth")
+    return rounds[-1] if rounds else Path(models_dir)
 
 
 def main(args):

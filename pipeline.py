@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from presets import DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, VISUALS_DIR, common_parser
+from presets import DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, VISUALS_DIR, common_parser, onpolicy_rounds
 
 HERE = Path(__file__).resolve().parent
 # Rounds of learning from the MPC's own drives: each collects drives with the latest predictor and judge,
@@ -295,9 +295,8 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += [f"Held-out error / copy-baseline error, epoch {pred['epoch']}:", "",
                 *_table(["source", *keys], [[s, *(r.get(k, "-") for k in keys)] for s, r in pred["val"].items()])]
     # Round 0's predictor, and the last on-policy round's: it has seen the planner's own drives.
-    rounds = [(int(d.name[len(ONPOLICY_MODELS):]), d / "predictor_probes.json") for d in m.glob(f"{ONPOLICY_MODELS}*")
-              if d.name[len(ONPOLICY_MODELS):].isdigit()]
-    for path in [m / "predictor_probes.json", *([max(rounds)[1]] if rounds else [])]:
+    last = onpolicy_rounds(m, "predictor_probes.json")[-1:]
+    for path in [m / "predictor_probes.json", *(d / "predictor_probes.json" for d in last)]:
         if probes := _json(path):
             by_source = probes.pop("leaving_road_by_source", {})
             out += [f"Probes through prediction ({path.relative_to(w).as_posix()}):", "",

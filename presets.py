@@ -151,6 +151,13 @@ def pick_device(name: str = "auto") -> str:
     return "cpu"
 
 
+def onpolicy_rounds(models_dir, *files: str) -> list[Path]:
+    """The folders MODELS_DIR/onpolicy{r}/ that hold every one of `files`, in round order (2 before 10)."""
+    found = [(int(d.name[len(ONPOLICY_MODELS):]), d) for d in Path(models_dir).glob(f"{ONPOLICY_MODELS}*")
+             if d.name[len(ONPOLICY_MODELS):].isdigit() and all((d / f).exists() for f in files)]
+    return [d for _, d in sorted(found)]
+
+
 def reuse_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory for the next allocation; True where it applied (Linux glibc).
 
