@@ -218,6 +218,20 @@ class OnPolicyDriver:
         return action, {}                          # the episode format has no energy column
 
 
+def check_record_path(path: str) -> None:
+    """Fail before driving, not after it: a .mp4 needs imageio's ffmpeg plugin (without it imageio picks
+    another writer by the suffix and raises only once the drive is over); other suffixes are not supported."""
+    if path.endswith(".gif"):
+        return
+    if not path.endswith(".mp4"):
+        raise SystemExit(f"--record {path}: give a .mp4 or .gif path")
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise SystemExit(f"--record {path}: writing .mp4 needs imageio-ffmpeg (pip install 'imageio[ffmpeg]'), "
+                         "or record a .gif") from None
+
+
 class Recorder:
     """Collects the env frames of a drive, with the chosen action and energy written on each."""
 
@@ -338,6 +352,8 @@ def main(args):
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
                     "w_prior": args.w_prior}}
+    if args.record:
+        check_record_path(args.record)
     if args.policy == "prior" and not base["prior"]:
         raise SystemExit("--policy prior drives with the expert prior: give --prior PATH, not none")
     if args.policy != "expert":

@@ -90,8 +90,9 @@ def predicted_transitions(cache, predictor, per_source: int, recovery_label: str
 
 
 def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    """Probability that a random positive outscores a random negative (Mann-Whitney U), ties halved."""
-    s, y = score.double().numpy(), label.bool().numpy()
+    """Probability that a random positive outscores a random negative (Mann-Whitney U), ties halved.
+    Takes tensors on any device (the judge is evaluated where it trained; ranks are computed in NumPy)."""
+    s, y = score.detach().double().cpu().numpy(), label.bool().cpu().numpy()
     order = np.argsort(s, kind="mergesort")
     ranks = np.empty(len(s))
     sorted_s = s[order]

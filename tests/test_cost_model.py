@@ -18,6 +18,7 @@ def test_roc_auc_is_the_ranking_probability():
     assert roc_auc(torch.tensor([0.1, 0.2, 0.8, 0.9]), y) == 1.0
     assert roc_auc(torch.tensor([0.9, 0.8, 0.2, 0.1]), y) == 0.0
     assert roc_auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), y) == 0.5                # ties count half
+    assert roc_auc(torch.tensor([0.1, 0.2, 0.8, 0.9], requires_grad=True), y) == 1.0   # a judge's raw output
     g = torch.Generator().manual_seed(0)
     assert abs(roc_auc(torch.rand(4000, generator=g), torch.rand(4000, generator=g) > 0.5) - 0.5) < 0.03
 

@@ -154,6 +154,17 @@ def test_the_last_on_policy_round_drives_by_default(tmp_path):
     assert drive_mpc.latest_round(tmp_path) == tmp_path / "onpolicy10"      # numeric order; round 2 is unfinished
 
 
+def test_an_unwritable_recording_fails_before_the_drive(monkeypatch):
+    drive_mpc.check_record_path("drive.gif")
+    drive_mpc.check_record_path("drive.mp4")                   # imageio-ffmpeg is in requirements.txt
+    with pytest.raises(SystemExit, match="give a .mp4 or .gif"):
+        drive_mpc.check_record_path("drive.avi")
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)    # as where the plugin is not installed
+    with pytest.raises(SystemExit, match="needs imageio-ffmpeg"):
+        drive_mpc.check_record_path("drive.mp4")
+    drive_mpc.check_record_path("drive.gif")
+
+
 def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):
     save_checkpoint(tiny_models / "encoder_final.pth", "encoder", TinyEncoder(width=8, latent=16))   # retrained
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
