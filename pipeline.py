@@ -340,7 +340,9 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
 
 # ---------------------------------------------------------------- main
 def main(args):
+    from drive_mpc import check_record_path
     w = Path(args.out_dir or f"runs/{args.preset}").resolve()
+    check_record_path(str(w / "drive.mp4"))      # the last stage records it: know now, not after the training
     (w / "logs").mkdir(parents=True, exist_ok=True)
     timings_path = w / "logs" / "timings.json"
     timings = _json(timings_path) or {}

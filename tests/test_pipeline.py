@@ -105,6 +105,14 @@ def test_a_failing_stage_stops_the_pipeline_naming_it(tmp_path):
                                   "collect_data": "skipped"}
 
 
+def test_a_pipeline_that_could_not_record_its_drive_stops_before_the_first_stage(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)          # as where the plugin is not installed
+    args = pipeline.parser().parse_args(["--preset", "tiny", "--workdir", str(tmp_path / "w")])
+    with pytest.raises(SystemExit, match="needs imageio-ffmpeg"):
+        pipeline.main(args)
+    assert not (tmp_path / "w").exists()                               # nothing collected, nothing trained
+
+
 # ---------------------------------------------------------------- the tiny preset end to end
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
