@@ -58,12 +58,13 @@ class MPCPolicy:
         self.prior, self.w_prior = (prior.eval() if prior is not None else None), w_prior
         self.planner, self.samples, self.horizon, self.beta, self.sigma = planner, samples, horizon, beta, sigma
         self.iterations, self.elite_frac = iterations, elite_frac
+        self.history = getattr(predictor, "history", 1)      # past latents the predictor reads beside z_t
         self.w = (w_progress, w_road, w_expert)
         self.discount = torch.tensor([discount ** h for h in range(horizon)], device=device)
 
     def reset(self, rng: np.random.Generator) -> None:
         self.rng = rng
-        self.z_prev = None
+        self.seen = []                                       # the last history+1 latents, oldest first
         self.plan = np.zeros((self.horizon, 2), np.float32)   # (steer, longitudinal) per step
         self.elites = None
 
@@ -92,7 +93,7 @@ class MPCPolicy:
         return (step * self.discount).sum(1)
 
     def prior_plan(self, hist) -> np.ndarray:
-        """The prior's closed-loop drive in the dream: hist [1,2,D] -> plan [H,2] (steer, longitudinal)."""
+        """The prior's closed-loop drive in the dream: hist [1,history+1,D] -> plan [H,2] (steer, longitudinal)."""
         plan = []
         for _ in range(self.horizon):
             a = self.prior(hist[:, -2], hist[:, -1]).clamp(-1, 1)                                     # [1,2]
@@ -136,11 +137,11 @@ class MPCPolicy:
         return best, best_e
 
     def observe(self, frame: np.ndarray):
-        """Encode the camera frame: hist [1,2,D] (previous and current latent). Call in inference mode."""
+        """Encode the camera frame: hist [1,history+1,D], oldest first (the first frame stands in for the
+        ones before the start). Call in inference mode."""
         z = self.encoder(self.torch.from_numpy(frame[None]).to(self.device)).float()                  # [1,D]
-        prev = self.z_prev if self.z_prev is not None else z
-        self.z_prev = z
-        return self.torch.stack([prev, z], 1)
+        self.seen = (self.seen or [z] * self.history)[-self.history:] + [z]
+        return self.torch.stack(self.seen, 1)
 
     def act(self, frame: np.ndarray, sim=None):
         torch = self.torch
@@ -172,7 +173,7 @@ class PriorPolicy:
         t0 = time.perf_counter()
         with self.mpc.torch.inference_mode():
             hist = self.mpc.observe(frame)
-            steer, lon = self.mpc.prior(hist[:, 0], hist[:, 1]).clamp(-1, 1)[0].tolist()
+            steer, lon = self.mpc.prior(hist[:, -2], hist[:, -1]).clamp(-1, 1)[0].tolist()
         return longitudinal_to_action(steer, lon), {"plan_ms": np.float32(1000 * (time.perf_counter() - t0))}
 
 

@@ -94,6 +94,30 @@ def test_warm_start_shifts_the_plan_by_one_step(monkeypatch):
     np.testing.assert_allclose(p.plan[-1], best[-1])
 
 
+class FrameEncoder(torch.nn.Module):
+    """Latent = the frame's first pixel value, repeated: each test frame is told apart by its latent."""
+
+    def forward(self, obs):
+        return obs[:, 0, 0, :1].float().expand(-1, 4)
+
+
+@pytest.mark.parametrize("history", [1, 3])
+def test_the_planner_feeds_the_predictor_as_many_past_latents_as_it_was_trained_on(history):
+    predictor = Predictor(4, 8, 1, history)
+    p = MPCPolicy(FrameEncoder(), predictor, CostModel(4, 8), "cpu", samples=30, horizon=3,
+                  prior=ExpertPrior(4, 8))
+    p.reset(np.random.default_rng(0))
+    frames = [np.full((64, 64, 3), v, np.uint8) for v in (10, 20, 30, 40, 50)]
+    with torch.inference_mode():
+        seen = [p.observe(f)[0, :, 0].tolist() for f in frames[:2]]
+    assert seen[0] == [10.0] * (history + 1)                   # before the start: the first frame stands in
+    assert seen[1] == [10.0] * history + [20.0]
+    for f in frames[2:]:
+        p.act(f)                                               # predictor, judge and prior get their shapes
+    with torch.inference_mode():
+        assert p.observe(frames[0])[0, :, 0].tolist() == [30.0, 40.0, 50.0, 10.0][-history - 1:]
+
+
 def test_shooting_keeps_the_warm_start_as_a_candidate():
     p = policy("shooting")
     p.plan[:] = TARGET                                   # already optimal: noise can only make it worse
