@@ -305,8 +305,7 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
             results.append(_drive(job))
             _print(results[-1])
     scores = np.array([r["score"] for r in results])
-    report = {"policy": base["policy"], "seeds": seeds, "scores": scores.round(2).tolist(),
-              "mean": float(scores.mean()), "std": float(scores.std()), "median": float(np.median(scores)),
+    report = {"policy": base["policy"], "seeds": seeds, "scores": scores.round(2).tolist(), **score_summary(scores),
               "tiles_fraction": [round(r["tiles_fraction"], 4) for r in results],
               "lap_finished": [bool(r["lap_finished"]) for r in results],
               "off_road_share": [round(r["off_road_share"], 4) for r in results],
@@ -320,6 +319,14 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
     if base["policy"] == "mpc":
         report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"]})
     return report
+
+
+def score_summary(scores: np.ndarray) -> dict:
+    """Mean, std (population, as reported throughout), median, and the standard error of the mean: one
+    track's score swings by hundreds of points with the rounding of near-tied plans (README, Results), so
+    two means of a dozen tracks are apart by chance by about sqrt(2) standard errors."""
+    sem = float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else None
+    return {"mean": float(scores.mean()), "std": float(scores.std()), "median": float(np.median(scores)), "sem": sem}
 
 
 def _print(r: dict) -> None:
@@ -376,7 +383,8 @@ def main(args):
                               {"spec": base, "threads": max(1, (os.cpu_count() or 1) // workers)})
     report = evaluate(base, seeds, workers=args.workers or 1)
     tail = f"; planning {report['plan_ms_median']:.1f} ms median" if "plan_ms_median" in report else ""
-    print(f"{args.policy}: mean {report['mean']:.1f} +- {report['std']:.1f} over track seeds "
+    sem = f" (standard error of the mean {report['sem']:.1f})" if report["sem"] is not None else ""
+    print(f"{args.policy}: mean {report['mean']:.1f} +- {report['std']:.1f}{sem} over track seeds "
           f"{seeds[0]}..{seeds[-1]}; laps finished {sum(report['lap_finished'])}/{len(seeds)}{tail}")
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(report, indent=1).encode()))

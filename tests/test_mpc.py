@@ -148,7 +148,7 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
-    for key in ("scores", "mean", "std", "tiles_fraction", "lap_finished", "off_road_share", "wrong_way_share",
+    for key in ("scores", "mean", "std", "sem", "tiles_fraction", "lap_finished", "off_road_share", "wrong_way_share",
                 "median_speed", "plan_ms_median", "plan_ms_p95", "prior"):
         assert key in report
     assert report["seeds"] == [7] and report["plan_ms_median"] > 0 and report["policy"] == policy
@@ -156,6 +156,14 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
     assert report.get("planner") == (planner if policy == "mpc" else None)
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
+
+
+def test_score_summary_gives_the_standard_error_of_the_mean():
+    r = drive_mpc.score_summary(np.array([600.0, 700.0, 800.0, 900.0]))
+    assert r["mean"] == 750.0 and r["median"] == 750.0
+    assert r["std"] == pytest.approx(111.8034, abs=1e-3)                    # population std, as reported
+    assert r["sem"] == pytest.approx(129.0994 / 2, abs=1e-3)                # sample std / sqrt(n)
+    assert drive_mpc.score_summary(np.array([812.0]))["sem"] is None        # one track: no spread to measure
 
 
 def test_episode_summary_counts_driving_the_wrong_way_on_the_road():
