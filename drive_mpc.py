@@ -323,8 +323,8 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
 
 def score_summary(scores: np.ndarray) -> dict:
     """Mean, std (population, as reported throughout), median, and the standard error of the mean: one
-    track's score swings by hundreds of points with the rounding of near-tied plans (README, Results), so
-    two means of a dozen tracks are apart by chance by about sqrt(2) standard errors."""
+    track's score swings by hundreds of points with the rounding of near-tied plans (README, Results), and
+    the difference of two such means has a standard error of about sqrt(2) times either's."""
     sem = float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else None
     return {"mean": float(scores.mean()), "std": float(scores.std()), "median": float(np.median(scores)), "sem": sem}
 
