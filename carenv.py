@@ -4,7 +4,8 @@
 - `sim_state`: privileged per-frame state (speed, yaw rate, on-road, lateral offset, heading error,
   tiles). It labels data and measures models; no driving model reads it.
 - `Expert`: the pure-pursuit racing driver that reads the track geometry (privileged by design).
-- `run_episode`: one episode at control period k, used by every collector and by drive_mpc.py.
+- `run_episode`: one episode at control period k, used by every collector and by drive_mpc.py; it labels
+  every step with the expert's action for that state (a privileged label: what the expert would do there).
 
 Run this file to measure the expert quickly:  python carenv.py --seed 500 --episodes 4
 """
@@ -286,7 +287,9 @@ def run_episode(env, policy, track_seed: int, k: int = CONTROL_PERIOD, max_steps
 
     Returns arrays with one row per control step: obs [T,64,64,3] uint8 (what the policy saw),
     action [T,3] (held for the next k frames), reward [T] (summed over those frames), done [T],
-    the STATE_KEYS arrays at the moment of obs, and any per-step extras the policy returned,
+    the STATE_KEYS arrays at the moment of obs, expert_action [T,3] (what the expert would do at obs[t],
+    whoever drives: the label that lets the prior learn from states the expert never visits itself),
+    and any per-step extras the policy returned,
     plus `score` (the env's own episode return, zoom frames included), `lap_finished`, `tiles_fraction`.
     `on_frame(obs96, action, extras)` is called for every env frame (recording, rendering).
     Only policies with `privileged = True` (the expert) get the simulator; others see frames only.
@@ -299,11 +302,13 @@ def run_episode(env, policy, track_seed: int, k: int = CONTROL_PERIOD, max_steps
         obs, r, term, trunc, info = env.step(NOOP)
         score += r
     rows: dict[str, list] = {"obs": [], "action": [], "reward": [], "done": []}
-    rows.update({key: [] for key in STATE_KEYS})
+    rows.update({key: [] for key in (*STATE_KEYS, "expert_action")})
+    teacher = Expert()
     extras_rows: dict[str, list] = {}
     while not done and (max_steps is None or len(rows["obs"]) < max_steps):
         frame = to_model_frame(obs)
         state = sim_state(sim)
+        label = teacher.act(frame, sim)[0]
         action, extras = policy.act(frame, sim if policy.privileged else None)
         action = np.asarray(action, np.float32)
         reward = 0.0
@@ -323,6 +328,7 @@ def run_episode(env, policy, track_seed: int, k: int = CONTROL_PERIOD, max_steps
         rows["done"].append(done)
         for key in STATE_KEYS:
             rows[key].append(state[key])
+        rows["expert_action"].append(label)
         for key, value in extras.items():
             extras_rows.setdefault(key, []).append(value)
     out = {
@@ -336,6 +342,7 @@ def run_episode(env, policy, track_seed: int, k: int = CONTROL_PERIOD, max_steps
         "lateral": np.array(rows["lateral"], np.float32),
         "heading_err": np.array(rows["heading_err"], np.float32),
         "tiles": np.array(rows["tiles"], np.int32),
+        "expert_action": np.stack(rows["expert_action"]).astype(np.float32),
     }
     out.update({key: np.asarray(v) for key, v in extras_rows.items()})
     n_tiles = len(sim.track)

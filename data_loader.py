@@ -14,6 +14,8 @@ one row per control step t (a decision every k env frames):
     heading_err  float32 [T]            angle between the car's nose and the track direction (rad, + = nose left)
     tiles        int32   [T]            tiles visited so far
     mistake      int8    [T]          injected mistake active at step t (MISTAKES; 0 = none, always 0 outside recovery data)
+    expert_action float32 [T,3]       what the expert would do at obs[t], whoever drove (privileged: a training label
+                                        only); NaN in files of format 1, which predate it
     meta         str                  JSON: source, track_seed, seed, episode, k, score, lap_finished, versions, ...
 
 Usage in training:
@@ -37,7 +39,7 @@ import numpy as np
 
 from presets import atomic_write
 
-EPISODE_VERSION = 1
+EPISODE_VERSION = 2
 FRAME_SHAPE = (64, 64, 3)
 FRAME_BYTES = int(np.prod(FRAME_SHAPE))
 # Per-row columns: name -> (dtype, trailing shape). `obs` is stored apart, in the frame cache.
@@ -52,6 +54,7 @@ COLUMNS = {
     "heading_err": (np.float32, ()),
     "tiles": (np.int32, ()),
     "mistake": (np.int8, ()),
+    "expert_action": (np.float32, (3,)),
 }
 MISTAKES = {0: "none", 1: "understeer", 2: "oversteer", 3: "late_brake", 4: "panic", 5: "steer_lock"}
 
@@ -101,6 +104,8 @@ def read_episode(path: str | os.PathLike) -> tuple[dict, dict]:
         raise EpisodeError(f"{path}: unreadable episode file ({type(e).__name__}: {e})") from None
     if meta is None:
         raise EpisodeError(f"{path}: missing key 'meta'")
+    if meta.get("format_version") == 1 and "expert_action" not in arrays and "obs" in arrays:
+        arrays["expert_action"] = np.full((len(arrays["obs"]), 3), np.nan, np.float32)   # unlabelled
     validate_episode(arrays, str(path))
     return arrays, meta
 
@@ -403,7 +408,8 @@ class LatentCache:
         cols = self.data.caches[source].columns
         fut = idx[:, history:]
         out = {"z": np.asarray(self.latents[source][idx]), "action": np.asarray(cols["action"][fut[:, :-1]])}
-        for name in ("speed", "yaw_rate", "on_road", "lateral", "heading_err", "reward", "tiles", "mistake"):
+        for name in ("speed", "yaw_rate", "on_road", "lateral", "heading_err", "reward", "tiles", "mistake",
+                     "expert_action"):
             out[name] = np.asarray(cols[name][fut])
         return out
 

@@ -2,10 +2,13 @@
 
     python train_prior.py                       # small preset, uses models/encoder_final.pth
     python train_prior.py --preset full --device cuda
+    python train_prior.py --onpolicy-dirs data_dagger1 --out-dir models/dagger1   # + the MPC's labelled drives
 
 Behaviour cloning on frozen latents of the expert's own steps: every race step, and the recovery drives'
 steps outside their injected mistakes (the expert bringing the car back, so the prior has seen more than
-the racing line). Random drives and the MPC's drives never teach it. drive_mpc.py dreams the prior's
+the racing line). Random drives never teach it. With --onpolicy-dirs, the MPC's own drives teach it too,
+each step labelled with what the expert would have done there (DAgger: the prior learns to get back from
+where its own mistakes lead, which the expert's laps never show). drive_mpc.py dreams the prior's
 closed-loop drive through the predictor as the planner's starting plan, and its energy adds how far a plan
 strays from what the prior would do in each dreamt state (README, "The expert prior"). Writes
 models/prior_final.pth and models/prior_stats.json (held-out R^2 of steer and longitudinal per epoch).
@@ -26,20 +29,37 @@ from presets import (MODELS_DIR, add_data_args, add_head_args, apply_preset, ato
 from train_predictor import latent_caches
 
 EXPERT_SOURCES = ("race", "recovery")
+ONROAD_HEADING = 0.5          # rad (29 degrees)
 
 
-def expert_steps(cache) -> dict:
-    """Every expert step of a LatentCache split: z_prev, z_now [N,D] and target [N,2] (steer, longitudinal)."""
+def expert_steps(cache, onpolicy_steps: str = "all") -> dict:
+    """Every step with the expert's action as its target: z_prev, z_now [N,D], target [N,2] (steer, longitudinal).
+
+    Race and recovery: the expert's own steps outside the injected mistakes (the action it held). The MPC's
+    drives (the onpolicy sources): every step labelled with what the expert would have done there
+    (expert_action, episode format 2), so the prior also learns the states its own driving leads to;
+    `onpolicy_steps="on-road"` keeps only those on the road within ONROAD_HEADING rad of the track's direction
+    (the expert's corrections before a slide, not its turning round after one).
+    """
     parts = []
     for s, name in enumerate(cache.data.names):
-        rows = cache.windows(s, horizon=1, history=1) if name in EXPERT_SOURCES else []
+        own = name in EXPERT_SOURCES
+        rows = cache.windows(s, horizon=1, history=1) if own or name.startswith("onpolicy") else []
         if not len(rows):
             continue
         w = cache.gather(s, rows, horizon=1, history=1)     # z [N,3,D] (t-1, t, t+1), action [N,1,3], mistake [N,2]
-        keep = ~w["mistake"][:, 0].astype(bool)             # the injected mistakes are not the expert's actions
-        a = w["action"][keep, 0]
-        parts.append({"z_prev": w["z"][keep, 0], "z_now": w["z"][keep, 1],
-                      "target": np.stack([a[:, 0], a[:, 1] - a[:, 2]], 1)})
+        if own:
+            keep = ~w["mistake"][:, 0].astype(bool)         # the injected mistakes are not the expert's actions
+            a = w["action"][keep, 0]
+        else:
+            label = w["expert_action"][:, 0]                # [N,3]; NaN in drives collected before the label
+            keep = np.isfinite(label).all(1)
+            if onpolicy_steps == "on-road":
+                keep &= w["on_road"][:, 0] & (np.abs(w["heading_err"][:, 0]) < ONROAD_HEADING)
+            a = label[keep]
+        if keep.any():
+            parts.append({"z_prev": w["z"][keep, 0], "z_now": w["z"][keep, 1],
+                          "target": np.stack([a[:, 0], a[:, 1] - a[:, 2]], 1)})
     if not parts:
         raise SystemExit("no expert steps (race, or recovery outside its mistakes): run collect_race_data.py first")
     return {k: torch.from_numpy(np.concatenate([p[k] for p in parts]).astype(np.float32)) for k in parts[0]}
@@ -62,8 +82,8 @@ def main(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_cache, val_cache, enc = latent_caches(args.encoder, data_dirs(args), args.val_frac, args.seed, device)
-    train = {k: v.to(device) for k, v in expert_steps(train_cache).items()}
-    val = {k: v.to(device) for k, v in expert_steps(val_cache).items()}
+    train = {k: v.to(device) for k, v in expert_steps(train_cache, args.onpolicy_steps).items()}
+    val = {k: v.to(device) for k, v in expert_steps(val_cache, args.onpolicy_steps).items()}
     model = ExpertPrior(enc["config"]["latent"], args.hidden, args.members).to(device)
     x = torch.cat([train["z_prev"], train["z_now"]], 1)
     model.set_normalisation(x.mean(0), x.std(0))
@@ -80,8 +100,9 @@ def main(args):
             loss.backward()
             opt.step()
         history.append({"epoch": epoch, **evaluate(model, val)})
+    sources = [n for n in train_cache.data.names if n in EXPERT_SOURCES or n.startswith("onpolicy")]
     stats = {"val": history[-1], "train": evaluate(model, train), "per_epoch": history,
-             "sources": list(EXPERT_SOURCES), "train_steps": n, "val_steps": len(val["z_now"])}
+             "sources": sources, "train_steps": n, "val_steps": len(val["z_now"])}
     print(json.dumps(stats["val"]))
     atomic_write(out / "prior_stats.json", lambda f: f.write(json.dumps(stats, indent=1).encode()))
     save_checkpoint(out / "prior_final.pth", "prior", model, encoder_hash=train_cache.key, stats=json.dumps(stats))
@@ -95,6 +116,8 @@ def parser():
     # Nearly every expert episode: held-out laps are coverage the prior lacks (README, "The expert prior":
     # tuning tracks 500-511, 798.0 +- 82.8 with 2% held out against 775.1 +- 96.2 with the usual 10%).
     p.set_defaults(val_frac=0.02)
+    p.add_argument("--onpolicy-steps", choices=["all", "on-road"], default="all",
+                   help="which labelled steps of the --onpolicy-dirs drives teach the prior")
     g = add_head_args(p)
     g.add_argument("--members", type=int, default=None, help="networks averaged (different initialisations)")
     return p

@@ -45,6 +45,7 @@ def test_expert_drives_along_the_track(env):
     assert ep["on_road"].mean() > 0.97 and ep["speed"].max() > 40
     # the racing line cuts corners: the car's centre stays within the road plus half a car width
     assert np.abs(ep["lateral"]).max() < 40 / 6 + 1.2
+    np.testing.assert_array_equal(ep["expert_action"], ep["action"])              # its own label: what it did
 
 
 def test_privileged_state_at_the_start(env):
@@ -69,6 +70,11 @@ def test_random_exploration_moves_and_leaves_the_road(env):
     assert np.median(ep["speed"]) > 10                                            # not parked
     assert (~ep["on_road"]).mean() > 0.2                                          # off the road a good while
     assert np.ptp(ep["action"][:, 0]) > 1.0 and np.abs(np.diff(ep["action"][:, 0])).mean() < 0.3   # smooth, wide
+    # Every step carries what the expert would have done there: a valid action, not what the explorer did.
+    label = ep["expert_action"]
+    assert label.shape == (200, 3) and np.isfinite(label).all()
+    assert (np.abs(label[:, 0]) <= 1).all() and (label[:, 1:] >= 0).all() and (label[:, 1:] <= 1).all()
+    assert np.abs(label[:, 0] - ep["action"][:, 0]).mean() > 0.2
 
 
 def test_collection_resumes_and_seeds_are_reproducible(tmp_path):

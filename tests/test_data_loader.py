@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, synthetic_episode, write_synthetic
-from data_loader import (BalancedBatches, EpisodeData, EpisodeError, SourceCache, batch_counts, is_validation,
-                         read_episode, write_episode)
+from data_loader import (COLUMNS, EPISODE_VERSION, BalancedBatches, EpisodeData, EpisodeError, SourceCache,
+                         batch_counts, is_validation, read_episode, write_episode)
 from presets import atomic_write
 
 
@@ -18,9 +18,21 @@ def test_episode_round_trip(tmp_path):
     ep = synthetic_episode(12, tag=7)
     write_episode(tmp_path / "a.npz", ep, {"k": 4, "source": "x"})
     arrays, meta = read_episode(tmp_path / "a.npz")
-    assert meta["k"] == 4 and meta["format_version"] == 1
+    assert meta["k"] == 4 and meta["format_version"] == EPISODE_VERSION == 2
     for key in ep:
         np.testing.assert_array_equal(arrays[key], ep[key])
+
+
+def test_format_1_files_read_with_no_expert_label(tmp_path):
+    ep = synthetic_episode(6, tag=3)
+    payload = {"obs": ep["obs"], **{n: ep[n] for n in COLUMNS if n != "expert_action"}}
+    np.savez_compressed(tmp_path / "old.npz", meta=np.array(json.dumps({"format_version": 1, "k": 4})), **payload)
+    arrays, _ = read_episode(tmp_path / "old.npz")
+    assert arrays["expert_action"].shape == (6, 3) and np.isnan(arrays["expert_action"]).all()
+    np.testing.assert_array_equal(arrays["action"], ep["action"])
+    np.savez_compressed(tmp_path / "new.npz", meta=np.array(json.dumps({"format_version": 2, "k": 4})), **payload)
+    with pytest.raises(EpisodeError, match="expert_action"):                    # format 2 must carry it
+        read_episode(tmp_path / "new.npz")
 
 
 def test_write_rejects_wrong_shape_and_dtype(tmp_path):

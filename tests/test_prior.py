@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_sources
+from conftest import ROOT, write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache, read_episode, write_episode
 from drive_mpc import MPCPolicy
 from models import ExpertPrior, TinyEncoder, load_checkpoint, save_checkpoint
@@ -99,6 +99,24 @@ def test_expert_steps_are_race_and_recovery_outside_mistakes(tmp_path):
     assert torch.equal(t["z_prev"][:, 0], t["z_now"][:, 0])             # the same episode on both sides
     mine = t["target"][torch.from_numpy(tags == 60)]
     assert torch.allclose(mine, torch.tensor([0.25, 0.25]))             # (steer, gas - brake)
+
+
+def test_the_mpc_drives_teach_the_prior_with_the_experts_labels(tmp_path):
+    dirs = write_sources(tmp_path, episodes=1, rows=20)
+    dirs["onpolicy1"] = str(tmp_path / "onpolicy1")
+    write_synthetic(dirs["onpolicy1"], 2, 20, tag0=200)
+    paths = sorted((tmp_path / "onpolicy1").glob("*.npz"))
+    for p, label in zip(paths, ([0.5, 0.25, 0.0], np.nan)):             # the second drive predates the label
+        ep, meta = read_episode(p)
+        ep["expert_action"][:] = label
+        ep["mistake"][:] = 1                                             # not what decides for the MPC's drives
+        write_episode(p, ep, meta)
+    cache = LatentCache(EpisodeData(dirs, "all"), "k", 1, lambda f: f[:, 0, :1, 0].astype(np.float32))
+    t = expert_steps(cache)
+    tags = t["z_now"][:, 0].numpy()
+    assert set(np.unique(tags)) == {0, 60, 200}                         # race, recovery, the labelled drive
+    mine = t["target"][torch.from_numpy(tags == 200)]
+    assert len(mine) == 18 and torch.allclose(mine, torch.tensor([0.5, 0.25]))   # the label, not the action
 
 
 def test_train_prior_end_to_end_writes_a_checkpoint_the_driver_can_check(tmp_path):
