@@ -15,8 +15,10 @@ unseen tracks), prints each score and the mean +- std, and with --json writes {"
 With --collect DIR it drives training tracks instead (seeds >= 1,000,000, derived from --seed like the
 collectors') and stores the episodes in the episode format: data for the next round of the predictor and
 the judge (train_predictor.py --onpolicy-dirs DIR --init ...), so they learn the states the planner
-really reaches (measured on tuning tracks: README, "Learning from its own drives"). Without --predictor and
---cost it uses those of the last round, models/onpolicy{r}/, where there is one, else models/.
+really reaches (measured on tuning tracks: README, "Learning from its own drives"). Without --predictor,
+--cost and --prior it uses those of the last round, models/onpolicy{r}/, where there is one, else models/.
+Every collected step is labelled with the expert's action for that state (episode format): with the prior
+driving too, these drives retrain the prior (train_prior.py --onpolicy-dirs; pipeline.py's DAgger stage).
 
 Each control step the MPC (1) encodes the camera frame, (2) dreams `samples` action sequences of H
 steps from power-law coloured noise around a starting plan, (3) unrolls the predictor for all of them in
@@ -344,6 +346,12 @@ def latest_round(models_dir) -> Path:
     return rounds[-1] if rounds else Path(models_dir)
 
 
+def newest_prior(models_dir, latest: Path) -> Path:
+    """The last round's prior (retrained on the finished driver's labelled drives) where there is one, else
+    round 0's MODELS_DIR/prior_final.pth."""
+    return latest / "prior_final.pth" if (latest / "prior_final.pth").exists() else Path(models_dir) / "prior_final.pth"
+
+
 def main(args):
     seeds = list(range(args.seed, args.seed + args.episodes))
     display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or os.name == "nt" \
@@ -355,7 +363,7 @@ def main(args):
             "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
             "predictor": args.predictor or str(latest / "predictor_final.pth"),
             "cost": args.cost or str(latest / "cost_model_final.pth"),
-            "prior": None if args.prior == "none" else (args.prior or f"{args.models_dir}/prior_final.pth"),
+            "prior": None if args.prior == "none" else (args.prior or str(newest_prior(args.models_dir, latest))),
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
@@ -414,7 +422,8 @@ def parser():
                         "else of MODELS_DIR")
     g.add_argument("--cost", default=None, help="default: cost_model_final.pth, from the same folder")
     g.add_argument("--prior", default=None,
-                   help="expert prior checkpoint (default: MODELS_DIR/prior_final.pth); none: plan without it")
+                   help="expert prior checkpoint (default: prior_final.pth of the last on-policy round, where "
+                        "pipeline.py's DAgger stage puts it, else of MODELS_DIR); none: plan without it")
     g = p.add_argument_group("planner")
     # iCEM by measurement: tuning tracks 500-511 with the on-policy models, 136.1 +- 146.1 vs 13.4 +- 61.3.
     g.add_argument("--planner", default="icem", choices=["shooting", "icem"],

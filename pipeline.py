@@ -10,8 +10,10 @@ lands under the work directory: data_race/, data_recovery/, data/ (each with sum
 visuals/, output_dream.gif, drive.json, drive.mp4, logs/<stage>.log, drive_scores.png and report.md.
 After the judge come ONPOLICY_ROUNDS rounds of learning from the MPC's own drives on training tracks
 (drive_mpc.py --collect -> data_onpolicy{r}/, then train_predictor.py --init and train_cost_model.py on
-all sources -> models/onpolicy{r}/); the final drive uses the last round's predictor and judge, and the
-expert prior (train_prior.py) as the planner's first guess.
+all sources -> models/onpolicy{r}/). Then DAgger for the expert prior (the planner's first guess,
+train_prior.py): the finished driver drives training tracks with every step labelled with the expert's action
+(drive_mpc.py --collect -> data_dagger/) and the prior is retrained with them -> models/onpolicy{R}/prior_final.pth.
+The final drive uses the last round's predictor and judge and that prior.
 train_decoder.py runs beside train_encoder.py (on the second GPU when there are two; leave --device
 at auto for that, since --device is passed to every stage).
 
@@ -47,7 +49,7 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
           "visualise_dream", "train_prior", "train_cost_model",
           *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
             for s in ("collect", "train_predictor", "train_cost_model")),
-          "drive_mpc")
+          "collect_dagger", "train_prior_dagger", "drive_mpc")
 
 # Evaluation per preset: tracks 0..E-1 (never in the collected data). Tiny cuts each drive short, so its
 # score is partial: it checks that the pipeline works, not how well the car drives.
@@ -57,11 +59,15 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
 # 32 drives 449.7 +- 232.1 against 16 drives 375.5 +- 177.5; with the 32 drives, a judge trained 4 epochs
 # 609.1 +- 149.5 against 20 (the preset's) 449.7 +- 232.1: a discriminator trained to the end overfits
 # the few on-policy drives and scores every dream as far from expert. Full keeps its preset (not measured).
+# dagger: drives of the finished driver whose expert-labelled steps retrain the prior (README, "The expert
+# prior"; 32 measured at small, full's 200 not measured).
 RUN = {
-    "tiny": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300, "onpolicy": (2, 1, None)},
-    "small": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800, "onpolicy": (32, 8, 4)},
-    "full": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600, "onpolicy": (200, 8, None)},
+    "tiny": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300, "onpolicy": (2, 1, None), "dagger": 2},
+    "small": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800, "onpolicy": (32, 8, 4), "dagger": 32},
+    "full": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600, "onpolicy": (200, 8, None),
+             "dagger": 200},
 }
+DAGGER_DIR = "data_dagger"
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
 # 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
 ONPOLICY_LR = 2e-4
@@ -148,6 +154,17 @@ def stages(args, w: Path) -> list[Stage]:
                   [enc, out / "predictor_final.pth", *data.values(), *own],
                   [out / "cost_model_final.pth", out / "cost_model_stats.json"], script="train_cost_model")]
         pred_r, cost_r = out / "predictor_final.pth", out / "cost_model_final.pth"
+    # DAgger for the prior: the finished driver (the last round's models, round 0's prior) drives training
+    # tracks, each step labelled with what the expert would do there; the prior is retrained with them too
+    # into the last round's folder, where drive_mpc.py looks for it first.
+    dag, last = w / DAGGER_DIR, pred_r.parent
+    dagger = [
+        Stage("collect_dagger", common + ["--seed", str(args.seed + ONPOLICY_ROUNDS + 1), "--headless",
+                                          *models(pred_r, cost_r), "--prior", str(prior), "--collect", str(dag),
+                                          "--episodes", str(run["dagger"]), *cap],
+              [enc, pred_r, cost_r, prior], [dag / "summary.json"], script="drive_mpc", clear=dag),
+        Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag), "--out-dir", str(last)],
+              [enc, *data.values(), dag], [last / "prior_final.pth", last / "prior_stats.json"], script="train_prior")]
     collectors = [Stage(script, seeded + ["--out-dir", str(data[s])],
                         outputs=[data[s] / "summary.json"])
                   for script, s in (("collect_race_data", "race"), ("collect_recovery_data", "recovery"),
@@ -168,10 +185,12 @@ def stages(args, w: Path) -> list[Stage]:
         Stage("train_cost_model", train + ["--encoder", str(enc), "--predictor", str(pred), "--out-dir", str(m)],
               [enc, pred, *data.values()], [cost, m / "cost_model_stats.json"]),
         *onpolicy,
+        *dagger,
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
-        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), "--prior", str(prior),
-                                     *drive, "--json", str(w / "drive.json"), "--record", str(w / "drive.mp4")],
-              [enc, pred_r, cost_r, prior], [w / "drive.json", w / "drive.mp4"]),
+        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), "--prior",
+                                     str(last / "prior_final.pth"), *drive, "--json", str(w / "drive.json"),
+                                     "--record", str(w / "drive.mp4")],
+              [enc, pred_r, cost_r, last / "prior_final.pth"], [w / "drive.json", w / "drive.mp4"]),
     ]
 
 
@@ -271,12 +290,14 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
     out = [f"# TinyAutoJEPA pipeline, preset `{preset}`", "", *(f"> {n}\n" for n in notes),
            "## Stages", "", *_table(["stage", "this run", "wall time of its last run (s)"],
                                     [[s, status[s], timings.get(s, "-")] for s in STAGES])]
-    folders = [*DATA_DIRS.items(), *((f"{ONPOLICY_DIR}{r}", f"{ONPOLICY_DIR}{r}") for r in range(1, ONPOLICY_ROUNDS + 1))]
+    folders = [*DATA_DIRS.items(), *((f"{ONPOLICY_DIR}{r}", f"{ONPOLICY_DIR}{r}") for r in range(1, ONPOLICY_ROUNDS + 1)),
+               (DAGGER_DIR, DAGGER_DIR)]
     rows = [[src, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
              s["off_road_share"], s["median_speed"], s.get("recovered_within_3s", "-")]
             for src, d in folders if (s := _json(w / d / "summary.json"))]
     if rows:
-        out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r.", "",
+        out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r; {DAGGER_DIR}: "
+                "the finished driver's, labelled by the expert for the prior.", "",
                 *_table(["source", "episodes", "frames", "score", "laps", "off-road share", "median speed",
                          "mistakes recovered in 3 s"], rows)]
     out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
@@ -314,10 +335,13 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += ["## Cost model (held-out)", "", *_table(
             ["expert AUC", "expert ECE", "on-road accuracy", "progress R²"],
             [[val["expert_auc"], val["expert_calibration"]["ece"], val["road_accuracy"], val["progress_r2"]]])]
-    if prior := _json(m / "prior_stats.json"):
-        out += ["## Expert prior (held-out expert steps)", "", *_table(
-            ["steer R²", "longitudinal R²", "training steps"],
-            [[prior["val"]["steer_r2"], prior["val"]["longitudinal_r2"], prior["train_steps"]]])]
+    priors = [(p.relative_to(w).as_posix(), st) for p in [m / "prior_stats.json",
+              *(d / "prior_stats.json" for d in onpolicy_rounds(m, "prior_stats.json")[-1:])] if (st := _json(p))]
+    if priors:
+        out += ["## Expert prior (held-out steps: the expert's, and the labelled DAgger drives' where used)", "",
+                *_table(["stats", "sources", "steer R²", "longitudinal R²", "training steps"],
+                        [[path, " + ".join(st["sources"]), st["val"]["steer_r2"], st["val"]["longitudinal_r2"],
+                          st["train_steps"]] for path, st in priors])]
     if drive := _json(w / "drive.json"):
         plot_scores(drive, w / "drive_scores.png")
         cut = RUN[preset]["max_steps"]

@@ -184,6 +184,10 @@ def test_the_last_on_policy_round_drives_by_default(tmp_path):
             (tmp_path / f"onpolicy{r}" / f).write_bytes(b"")
     (tmp_path / "onpolicy_old").mkdir()
     assert drive_mpc.latest_round(tmp_path) == tmp_path / "onpolicy10"      # numeric order; round 2 is unfinished
+    latest = drive_mpc.latest_round(tmp_path)
+    assert drive_mpc.newest_prior(tmp_path, latest) == tmp_path / "prior_final.pth"   # round 0's: no DAgger prior
+    (latest / "prior_final.pth").write_bytes(b"")                           # pipeline.py's DAgger stage ran
+    assert drive_mpc.newest_prior(tmp_path, latest) == latest / "prior_final.pth"
 
 
 def test_an_unwritable_recording_fails_before_the_drive(monkeypatch):

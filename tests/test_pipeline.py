@@ -6,6 +6,7 @@ import sys
 import time
 from argparse import Namespace
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -88,8 +89,19 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         assert "--epochs" not in built["train_cost_model"]              # round 0's judge keeps the preset's
         # the round's drives are the planner's own, without the expert prior; the final drive uses it
         assert collect[collect.index("--prior") + 1] == "none"
+        # DAgger: the finished driver, with the prior, drives training tracks of a seed no round used; the prior
+        # retrained on their labelled steps goes into the last round's folder, and the final drive uses it
+        dagger, retrain = built["collect_dagger"], built["train_prior_dagger"]
+        assert dagger[dagger.index("--prior") + 1] == str(ROOT / "unused" / "models" / "prior_final.pth")
+        assert dagger[dagger.index("--episodes") + 1] == str(run["dagger"])
+        assert dagger[dagger.index("--seed") + 1] != collect[collect.index("--seed") + 1]
+        assert dagger[dagger.index("--predictor") + 1] == str(ROOT / "unused" / "models" / "onpolicy1" /
+                                                              "predictor_final.pth")
+        assert retrain[retrain.index("--onpolicy-dirs") + 1] == dagger[dagger.index("--collect") + 1]
+        last = ROOT / "unused" / "models" / f"onpolicy{pipeline.ONPOLICY_ROUNDS}"
+        assert retrain[retrain.index("--out-dir") + 1] == str(last)
         drive = built["drive_mpc"]
-        assert drive[drive.index("--prior") + 1] == str(ROOT / "unused" / "models" / "prior_final.pth")
+        assert drive[drive.index("--prior") + 1] == str(last / "prior_final.pth")
 
 
 # ---------------------------------------------------------------- failures
@@ -149,6 +161,16 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
             assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
         assert (w / "models" / f"onpolicy{r}" / "cost_model_final.pth").exists()
     assert f"data_onpolicy{pipeline.ONPOLICY_ROUNDS}" in report
+    # DAgger: the finished driver's drives, every step labelled with the expert's action, and the prior they taught
+    eps = sorted((w / "data_dagger").glob("*.npz"))
+    assert len(eps) == pipeline.RUN["tiny"]["dagger"]
+    for ep in eps:
+        arrays, meta = read_episode(ep)
+        assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
+        assert np.isfinite(arrays["expert_action"]).all()
+    stats = json.loads((w / "models" / f"onpolicy{pipeline.ONPOLICY_ROUNDS}" / "prior_stats.json").read_text())
+    assert stats["sources"] == ["race", "recovery", "onpolicy1"] and "data_dagger" in report
+    assert f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/prior_stats.json | race + recovery + onpolicy1" in report
     last = f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/predictor_probes.json"
     assert "Probes through prediction (models/predictor_probes.json)" in report and f"({last})" in report
     by_source = json.loads((w / last).read_text())["leaving_road_by_source"]
