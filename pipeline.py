@@ -163,7 +163,8 @@ def stages(args, w: Path) -> list[Stage]:
                                           *models(pred_r, cost_r), "--prior", str(prior), "--collect", str(dag),
                                           "--episodes", str(run["dagger"]), *cap],
               [enc, pred_r, cost_r, prior], [dag / "summary.json"], script="drive_mpc", clear=dag),
-        Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag), "--out-dir", str(last)],
+        Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag),
+                                             "--out-dir", str(last)],
               [enc, *data.values(), dag], [last / "prior_final.pth", last / "prior_stats.json"], script="train_prior")]
     collectors = [Stage(script, seeded + ["--out-dir", str(data[s])],
                         outputs=[data[s] / "summary.json"])
@@ -290,7 +291,7 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
     out = [f"# TinyAutoJEPA pipeline, preset `{preset}`", "", *(f"> {n}\n" for n in notes),
            "## Stages", "", *_table(["stage", "this run", "wall time of its last run (s)"],
                                     [[s, status[s], timings.get(s, "-")] for s in STAGES])]
-    folders = [*DATA_DIRS.items(), *((f"{ONPOLICY_DIR}{r}", f"{ONPOLICY_DIR}{r}") for r in range(1, ONPOLICY_ROUNDS + 1)),
+    folders = [*DATA_DIRS.items(), *((f"{ONPOLICY_DIR}{r}",) * 2 for r in range(1, ONPOLICY_ROUNDS + 1)),
                (DAGGER_DIR, DAGGER_DIR)]
     rows = [[src, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
              s["off_road_share"], s["median_speed"], s.get("recovered_within_3s", "-")]
