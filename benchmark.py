@@ -11,7 +11,8 @@ Each row runs in its own subprocess, so its peak RSS is its own. Rows:
   encoder    VICReg training images/s of the encoder at the chosen preset (random frames)
   predictor  T+15 predictor training windows/s at the chosen preset
   planning   MPC milliseconds per decision (1,000 x 15) at the small and full sizes, both planners, and
-             iCEM with the expert prior (drive_mpc.py's default: its dream first, then the plan)
+             iCEM with the expert prior (drive_mpc.py's default: its dream first, then the plan) in
+             float32 and at --precision auto (bfloat16 layers where the device computes them natively)
 """
 from __future__ import annotations
 
@@ -160,7 +161,8 @@ def bench_predictor(preset_name: str, device: str, steps: int) -> dict:
     return {"preset": preset_name, "predictor_windows_per_s": steps * b / (time.perf_counter() - t0)}
 
 
-def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", prior: bool = False):
+def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", prior: bool = False,
+                  precision: str = "fp32"):
     """An MPCPolicy of the preset's sizes with untrained weights, reset: the cost of planning, not its quality."""
     import numpy as np
     import torch
@@ -173,20 +175,21 @@ def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", 
     policy = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat).to(dev),
                        Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]).to(dev),
                        CostModel(lat, p["cost"]["hidden"]).to(dev), dev, planner=planner,
-                       prior=ExpertPrior(lat, p["prior"]["hidden"]).to(dev) if prior else None)
+                       prior=ExpertPrior(lat, p["prior"]["hidden"]).to(dev) if prior else None, precision=precision)
     policy.reset(np.random.default_rng(0))
     return policy
 
 
-def bench_planning(preset_name: str, device: str, planner: str, plans: int, prior: bool = False) -> dict:
+def bench_planning(preset_name: str, device: str, planner: str, plans: int, prior: bool = False,
+                   precision: str = "fp32") -> dict:
     """Milliseconds per MPC decision: encode one frame, (dream the prior's plan,) 1,000 sequences x 15 steps,
     judge, pick."""
     import numpy as np
-    policy = preset_policy(preset_name, device, planner, prior)
+    policy = preset_policy(preset_name, device, planner, prior, precision)
     frame = np.zeros((64, 64, 3), np.uint8)
     ms = [float(policy.act(frame)[1]["plan_ms"]) for _ in range(plans + 2)][2:]      # 2 warm-up plans
-    return {"preset": preset_name, "planner": planner, "prior": prior, "plan_ms_median": float(np.median(ms)),
-            "plan_ms_p95": float(np.percentile(ms, 95))}
+    return {"preset": preset_name, "planner": planner, "prior": prior, "precision": precision,
+            "plan_ms_median": float(np.median(ms)), "plan_ms_p95": float(np.percentile(ms, 95))}
 
 
 SECTIONS = {"env": bench_env, "collector": bench_collector, "scaling": bench_scaling, "loader": bench_loader,
@@ -213,8 +216,10 @@ def main(args):
             ("scaling", {"workers": workers, "episodes": 2 * workers, "steps": 150}),
             ("loader", {"seconds": 5.0}), ("encoder", {"preset_name": args.preset, "device": args.device, "steps": 10}),
             ("predictor", {"preset_name": args.preset, "device": args.device, "steps": 20})]
-    plan += [("planning", {"preset_name": size, "device": args.device, "planner": planner, "plans": 10, "prior": prior})
-             for size in ("small", "full") for planner, prior in (("shooting", False), ("icem", False), ("icem", True))]
+    plan += [("planning", {"preset_name": size, "device": args.device, "planner": planner, "plans": 10, "prior": prior,
+                           "precision": precision})
+             for size in ("small", "full") for planner, prior, precision in
+             (("shooting", False, "fp32"), ("icem", False, "fp32"), ("icem", True, "fp32"), ("icem", True, "auto"))]
     for name, kw in plan:
         r = run_section(name, **kw)
         rows.append({"section": name, **r})

@@ -403,14 +403,12 @@ class LatentCache:
 
     def gather(self, source: int, rows: np.ndarray, horizon: int, history: int = 1) -> dict:
         """For current rows [B]: latents [B,history+1+horizon,D] (t-history .. t+horizon), actions [B,horizon,3]
-        (held after t .. t+horizon-1), and the state columns over t .. t+horizon."""
+        (held after t .. t+horizon-1), and every other column over t .. t+horizon."""
         idx = rows[:, None] + np.arange(-history, horizon + 1)[None, :]
         cols = self.data.caches[source].columns
         fut = idx[:, history:]
-        out = {"z": np.asarray(self.latents[source][idx]), "action": np.asarray(cols["action"][fut[:, :-1]])}
-        for name in ("speed", "yaw_rate", "on_road", "lateral", "heading_err", "reward", "tiles", "mistake",
-                     "expert_action"):
-            out[name] = np.asarray(cols[name][fut])
+        out = {name: np.asarray(cols[name][fut]) for name in COLUMNS if name != "action"}
+        out.update(z=np.asarray(self.latents[source][idx]), action=np.asarray(cols["action"][fut[:, :-1]]))
         return out
 
 

@@ -149,6 +149,17 @@ class Standardised(nn.Module):
         self.mu.copy_(mu)
         self.sd.copy_(sd.clamp_min(1e-6))
 
+    def compute_in(self, dtype: torch.dtype) -> "Standardised":
+        """Run the layers in `dtype` (e.g. bfloat16 for planning) while inputs, outputs, the normalisation
+        and the predictor's running state stay float32: only the matrix work is rounded."""
+        for child in self.children():
+            child.to(dtype)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
 
 class Predictor(Standardised):
     """Latent dynamics: (z_{t-history} .. z_t, a_t) -> z_{t+1}, predicted as a residual change of z_t.
@@ -177,9 +188,9 @@ class Predictor(Standardised):
         Step h feeds on the model's own predictions of steps < h: H calls of the network.
         """
         n = (z_hist - self.mu) / self.sd
-        out = []
+        dt, out = self.compute_dtype, []
         for h in range(actions.shape[1]):
-            nxt = n[:, -1] + self.net(torch.cat([n.flatten(1), actions[:, h]], 1))
+            nxt = n[:, -1] + self.net(torch.cat([n.flatten(1), actions[:, h]], 1).to(dt)).float()
             out.append(nxt)
             n = torch.cat([n[:, 1:], nxt[:, None]], 1)
         return torch.stack(out, 1) * self.sd + self.mu
@@ -201,7 +212,7 @@ class CostModel(Standardised):
 
     def forward(self, z_now: torch.Tensor, z_next: torch.Tensor) -> dict:
         x = torch.cat([(z_now - self.mu) / self.sd, (z_next - self.mu) / self.sd], -1)
-        out = self.heads(self.trunk(x))
+        out = self.heads(self.trunk(x.to(self.compute_dtype))).float()
         return {"expert": out[..., 0], "road": out[..., 1], "progress": out[..., 2]}
 
 
@@ -226,7 +237,8 @@ class ExpertPrior(Standardised):
     def forward(self, z_prev: torch.Tensor, z_now: torch.Tensor, every: bool = False) -> torch.Tensor:
         """-> [...,2], the members' mean; every=True: [members,...,2], each member's own (for training)."""
         x = (torch.cat([z_prev, z_now], -1) - self.mu) / self.sd
-        out = torch.stack([net(x) for net in self.nets])
+        x = x.to(self.compute_dtype)
+        out = torch.stack([net(x) for net in self.nets]).float()
         return out if every else out.mean(0)
 
 

@@ -1,4 +1,5 @@
 """The planner: known optimum found by both planners, warm start, end-to-end headless drive with --json."""
+import copy
 import json
 import subprocess
 import sys
@@ -136,14 +137,15 @@ def tiny_models(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("policy,planner,prior", [("mpc", "shooting", "none"), ("mpc", "icem", None),
-                                                  ("prior", "icem", None)])
+@pytest.mark.parametrize("policy,planner,prior,precision", [("mpc", "shooting", "none", "fp32"),
+                                                            ("mpc", "icem", None, "bf16"),
+                                                            ("prior", "icem", None, "fp32")])
 def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_models, tmp_path, policy, planner,
-                                                                       prior):
+                                                                       prior, precision):
     out = tmp_path / "mpc.json"
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
                         "--episodes", "1", "--seed", "7", "--max-steps", "8", "--samples", "100",
-                        "--policy", policy, "--planner", planner, "--json", str(out),
+                        "--policy", policy, "--planner", planner, "--json", str(out), "--precision", precision,
                         "--record", str(tmp_path / "d.mp4"), *(["--prior", prior] if prior else [])],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -154,8 +156,43 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
     assert report["seeds"] == [7] and report["plan_ms_median"] > 0 and report["policy"] == policy
     assert report["prior"] == (None if prior == "none" else str(tiny_models / "prior_final.pth"))
     assert report.get("planner") == (planner if policy == "mpc" else None)
+    if policy == "mpc":
+        assert report["mpc"]["precision"] == precision
+        assert report["plan_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
+
+
+def test_bf16_planning_rounds_only_the_layers_and_ranks_plans_as_float32_does():
+    torch.manual_seed(0)
+    models = {"predictor": Predictor(16, 32, 2, 1), "cost": CostModel(16, 16), "prior": ExpertPrior(16, 16)}
+    for m in models.values():                                  # a non-trivial normalisation
+        m.set_normalisation(torch.randn(m.mu.shape), torch.rand(m.sd.shape) + 0.5)
+    torch.nn.init.normal_(models["predictor"].net[-1].weight, std=0.1)   # it starts as "nothing changes"
+    policies = [MPCPolicy(TinyEncoder(8, 16), *[copy.deepcopy(models[k]) for k in ("predictor", "cost")], "cpu",
+                          prior=copy.deepcopy(models["prior"]), precision=prec) for prec in ("fp32", "bf16")]
+    fp32, bf16 = policies
+    assert all(p.dtype == torch.bfloat16 for p in bf16.predictor.parameters())
+    assert bf16.predictor.mu.dtype == bf16.cost.sd.dtype == bf16.prior.mu.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in fp32.predictor.parameters())
+    hist = torch.randn(1, 2, 16)
+    seqs = np.random.default_rng(0).uniform(-1, 1, (200, 15, 2)).astype(np.float32)
+    with torch.inference_mode():
+        z32 = fp32.predictor.rollout(hist.expand(200, -1, -1), torch.from_numpy(seqs[..., [0, 1, 1]]))
+        z16 = bf16.predictor.rollout(hist.expand(200, -1, -1), torch.from_numpy(seqs[..., [0, 1, 1]]))
+        e32, e16 = fp32.energy(hist, seqs), bf16.energy(hist, seqs)
+    assert z16.dtype == e16.dtype == torch.float32      # the running state and the energies stay float32
+    assert 0 < (z16 - z32).abs().max() < 0.05 * z32.abs().max()
+    assert np.corrcoef(e32.numpy(), e16.numpy())[0, 1] > 0.999
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch):
+    assert drive_mpc.plan_dtype("fp32", "cpu") == torch.float32
+    assert drive_mpc.plan_dtype("bf16", "cpu") == torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        assert drive_mpc.plan_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+        assert drive_mpc.plan_dtype("auto", "cuda") == torch.float32
 
 
 def test_score_summary_gives_the_standard_error_of_the_mean():
