@@ -336,7 +336,7 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
                        "plan_ms_p95": round(float(np.percentile(ms, 95)), 2), "prior": base["prior"]})
     if base["policy"] == "mpc":
         dtype = plan_dtype(base["mpc"]["precision"], pick_device(base["device"]))
-        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"], "plan_dtype": str(dtype)[6:]})
+        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"], "plan_dtype": str(dtype).removeprefix("torch.")})
     return report
 
 

@@ -169,9 +169,8 @@ def test_bf16_planning_rounds_only_the_layers_and_ranks_plans_as_float32_does():
     for m in models.values():                                  # a non-trivial normalisation
         m.set_normalisation(torch.randn(m.mu.shape), torch.rand(m.sd.shape) + 0.5)
     torch.nn.init.normal_(models["predictor"].net[-1].weight, std=0.1)   # it starts as "nothing changes"
-    policies = [MPCPolicy(TinyEncoder(8, 16), *[copy.deepcopy(models[k]) for k in ("predictor", "cost")], "cpu",
-                          prior=copy.deepcopy(models["prior"]), precision=prec) for prec in ("fp32", "bf16")]
-    fp32, bf16 = policies
+    fp32, bf16 = [MPCPolicy(TinyEncoder(8, 16), *[copy.deepcopy(models[k]) for k in ("predictor", "cost")], "cpu",
+                            prior=copy.deepcopy(models["prior"]), precision=prec) for prec in ("fp32", "bf16")]
     assert all(p.dtype == torch.bfloat16 for p in bf16.predictor.parameters())
     assert bf16.predictor.mu.dtype == bf16.cost.sd.dtype == bf16.prior.mu.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in fp32.predictor.parameters())
