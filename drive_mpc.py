@@ -6,6 +6,7 @@
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
     python drive_mpc.py --prior none                      # no expert prior: plans from the shifted last plan only
     python drive_mpc.py --policy prior                    # the expert prior alone, no world model (ablation)
+    python drive_mpc.py --episodes 10 --seed 0 --save-episodes drives   # keep every drive, step by step
     python drive_mpc.py --collect data_onpolicy1 --planner shooting --w-progress 1 --w-road 1 --prior none \
         --episodes 32 --seed 1
 
@@ -40,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode
+from data_loader import episode_name, write_episode
 from presets import (CONTROL_PERIOD, MODELS_DIR, atomic_write, common_parser, default_workers, onpolicy_rounds,
                      pick_device, reuse_freed_memory)
 
@@ -290,7 +292,19 @@ def _drive(job: dict) -> dict:
     env.close()
     if recorder:
         recorder.save()
+    if job["save_episodes"]:
+        save_drive(job["save_episodes"], job["seed"], job["policy"], ep)
     return {"seed": job["seed"], **episode_summary(ep), "seconds": time.perf_counter() - t0}
+
+
+def save_drive(folder: str, seed: int, policy: str, ep: dict) -> None:
+    """Write one evaluation drive in the episode format (frames, actions, the expert's label for every step,
+    simulator state), named by its track seed, for looking into what happened where (README, "Why the car
+    leaves the road"). These are evaluation tracks: keep the folder out of training."""
+    rows = len(ep["obs"])
+    meta = {"source": "evaluation", "track_seed": seed, "policy": policy, "score": ep["score"],
+            "lap_finished": ep["lap_finished"], "tiles_fraction": ep["tiles_fraction"], "k": CONTROL_PERIOD}
+    write_episode(Path(folder) / episode_name(seed, 0, rows), {**ep, "mistake": np.zeros(rows, np.int8)}, meta)
 
 
 def episode_summary(ep: dict) -> dict:
@@ -376,7 +390,7 @@ def main(args):
     render = (args.render or display) and not args.headless and (args.workers or 1) == 1
     latest = latest_round(args.models_dir)
     base = {"policy": args.policy, "device": args.device, "max_steps": args.max_steps, "render": render,
-            "record": args.record, "threads": 0,
+            "record": args.record, "save_episodes": args.save_episodes, "threads": 0,
             "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
             "predictor": args.predictor or str(latest / "predictor_final.pth"),
             "cost": args.cost or str(latest / "cost_model_final.pth"),
@@ -424,6 +438,10 @@ def parser():
     g.add_argument("--episodes", type=int, default=1, help="number of tracks: seeds S..S+N-1")
     g.add_argument("--json", default=None, help="write the scores report here")
     g.add_argument("--record", default=None, help="save the first episode as .mp4 or .gif")
+    g.add_argument("--save-episodes", default=None, metavar="DIR",
+                   help="also write every drive to DIR in the episode format, named by track seed: frames, "
+                        "actions, the expert's label and the simulator state of each step (for analysis; these "
+                        "are evaluation tracks, never train on them)")
     g.add_argument("--render", action="store_true", help="show the drive in a window")
     g.add_argument("--headless", action="store_true", help="never open a window")
     g.add_argument("--collect", default=None, metavar="DIR",

@@ -130,13 +130,23 @@ def test_colored_noise_has_the_requested_slope_and_actions_respect_bounds():
     assert not np.any((a[:, 1] > 0) & (a[:, 2] > 0))                               # never both pedals
 
 
-def test_drive_mpc_expert_writes_the_json_report(tmp_path):
-    out = tmp_path / "r.json"
+def test_drive_mpc_expert_writes_the_json_report_and_the_drives(tmp_path):
+    out, drives = tmp_path / "r.json", tmp_path / "drives"
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--policy", "expert", "--episodes", "2",
-                        "--seed", "500", "--max-steps", "15", "--json", str(out)], capture_output=True, text=True)
+                        "--seed", "500", "--max-steps", "15", "--json", str(out), "--save-episodes", str(drives)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["seeds"] == [500, 501] and len(report["scores"]) == 2
     assert {"scores", "mean", "std", "tiles_fraction", "lap_finished"} <= set(report)
     assert report["mean"] == pytest.approx(np.mean(report["scores"]), abs=0.01)
     assert "mean" in r.stdout and "500..501" in r.stdout
+    # --save-episodes: each drive in the episode format, named by its track seed, with what it scored
+    saved = sorted(drives.glob("*.npz"))
+    assert [finished_episodes(drives, s) for s in (500, 501)] == [{0: 15}, {0: 15}]
+    for path, seed, score in zip(saved, (500, 501), report["scores"]):
+        arrays, meta = read_episode(path)
+        assert meta["track_seed"] == seed and meta["source"] == "evaluation" and meta["policy"] == "expert"
+        assert meta["score"] == pytest.approx(score, abs=0.01)
+        np.testing.assert_allclose(arrays["expert_action"], arrays["action"])     # the expert drove: its own labels
+        assert arrays["tiles"][-1] > arrays["tiles"][0]

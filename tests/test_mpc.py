@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from data_loader import episode_name, read_episode
 import drive_mpc
 from drive_mpc import MPCPolicy
 from models import CostModel, ExpertPrior, Predictor, TinyEncoder, save_checkpoint
@@ -146,7 +147,8 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
     r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
                         "--episodes", "1", "--seed", "7", "--max-steps", "8", "--samples", "100",
                         "--policy", policy, "--planner", planner, "--json", str(out), "--precision", precision,
-                        "--record", str(tmp_path / "d.mp4"), *(["--prior", prior] if prior else [])],
+                        "--record", str(tmp_path / "d.mp4"), "--save-episodes", str(tmp_path / "drives"),
+                        *(["--prior", prior] if prior else [])],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -161,6 +163,9 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
         assert report["plan_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
+    arrays, meta = read_episode(tmp_path / "drives" / episode_name(7, 0, 8))
+    assert meta["policy"] == policy and meta["score"] == pytest.approx(report["scores"][0], abs=0.01)
+    assert np.isfinite(arrays["expert_action"]).all()                        # labelled whoever drove
 
 
 def test_bf16_planning_rounds_only_the_layers_and_ranks_plans_as_float32_does():
