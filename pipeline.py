@@ -7,7 +7,8 @@
 
 Each stage runs as its own process (`python <stage>.py ...`) with explicit paths, so all it writes
 lands under the work directory: data_race/, data_recovery/, data/ (each with summary.json), models/,
-visuals/, output_dream.gif, drive.json, drive.mp4, logs/<stage>.log, drive_scores.png and report.md.
+visuals/, output_dream.gif, drive.json, drive.mp4 (drive.gif without imageio-ffmpeg; --video), logs/<stage>.log,
+drive_scores.png and report.md.
 After the judge come ONPOLICY_ROUNDS rounds of learning from the MPC's own drives on training tracks
 (drive_mpc.py --collect -> data_onpolicy{r}/, then train_predictor.py --init and train_cost_model.py on
 all sources -> models/onpolicy{r}/). Then DAgger for the expert prior (the planner's first guess,
@@ -110,6 +111,22 @@ def stale(inputs: list[Path], outputs: list[Path]) -> str | None:
     return None
 
 
+def drive_video(w: Path, choice: str) -> Path:
+    """Where the final drive is recorded. auto: drive.mp4 where imageio-ffmpeg is installed, else drive.gif
+    (a lent GPU machine had no ffmpeg: a whole run should not refuse to start over the video's format).
+    An explicit mp4 without it fails here, before the first stage, not after the training."""
+    from drive_mpc import check_record_path
+    if choice == "auto":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+            choice = "mp4"
+        except ImportError:
+            choice = "gif"
+    path = w / f"drive.{choice}"
+    check_record_path(str(path))
+    return path
+
+
 def stages(args, w: Path) -> list[Stage]:
     m, v = w / MODELS_DIR, w / VISUALS_DIR
     data = {s: w / d for s, d in DATA_DIRS.items()}
@@ -123,6 +140,7 @@ def stages(args, w: Path) -> list[Stage]:
     run = RUN[args.preset]
     cap = ["--max-steps", str(run["max_steps"])] if run["max_steps"] else []     # tiny cuts every drive short
     drive = ["--episodes", str(run["episodes"]), *cap]
+    video = drive_video(w, args.video)
     # On-policy rounds: round r drives with round r-1's predictor and judge (round 0: the seed's), stores the
     # drives in data_onpolicy{r}/, and fine-tunes both on every source so far into models/onpolicy{r}/.
     models = lambda p, c: ["--encoder", str(enc), "--predictor", str(p), "--cost", str(c)]   # noqa: E731
@@ -190,8 +208,8 @@ def stages(args, w: Path) -> list[Stage]:
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
         Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), "--prior",
                                      str(last / "prior_final.pth"), *drive, "--json", str(w / "drive.json"),
-                                     "--record", str(w / "drive.mp4")],
-              [enc, pred_r, cost_r, last / "prior_final.pth"], [w / "drive.json", w / "drive.mp4"]),
+                                     "--record", str(video)],
+              [enc, pred_r, cost_r, last / "prior_final.pth"], [w / "drive.json", video]),
     ]
 
 
@@ -359,21 +377,21 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
                                               *(drive.get(k, ["-"] * len(drive["seeds"]))
                                                 for k in ("off_road_share", "wrong_way_share", "median_speed")))]),
                 *_figure(w, w / "drive_scores.png", "drive scores")]
-        out += ["[Video of the first drive](drive.mp4)", ""] if (w / "drive.mp4").exists() else []
+        out += [f"[Video of the first drive]({v})" for v in ("drive.mp4", "drive.gif") if (w / v).exists()][:1]
+        out += [""]
     (w / "report.md").write_text("\n".join(out))
 
 
 # ---------------------------------------------------------------- main
 def main(args):
-    from drive_mpc import check_record_path
     w = Path(args.out_dir or f"runs/{args.preset}").resolve()
-    check_record_path(str(w / "drive.mp4"))      # the last stage records it: know now, not after the training
+    plan = stages(args, w)                       # checks the video's format now, not after the training
     (w / "logs").mkdir(parents=True, exist_ok=True)
     timings_path = w / "logs" / "timings.json"
     timings = _json(timings_path) or {}
     forced = set(args.force or [])
     status, notes = {}, []
-    for stage in stages(args, w):
+    for stage in plan:
         why = "forced" if stage.name in forced else stale(stage.inputs, stage.outputs)
         if why is None:
             status[stage.name] = "skipped"
@@ -398,6 +416,9 @@ def parser():
                    help="where everything goes (default: runs/<preset>); the same as --out-dir")
     p.add_argument("--force", action="append", choices=STAGES, metavar="STAGE",
                    help=f"rerun this stage even if its outputs are up to date (repeatable): {', '.join(STAGES)}")
+    p.add_argument("--video", choices=("auto", "mp4", "gif"), default="auto",
+                   help="the final drive's recording: mp4 (needs imageio-ffmpeg), gif, or auto: mp4 where "
+                        "imageio-ffmpeg is installed, else gif")
     return p
 
 

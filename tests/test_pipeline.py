@@ -65,7 +65,7 @@ def test_a_folder_counts_as_its_newest_visible_file(tmp_path):
 
 
 def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_path):
-    args = Namespace(preset="tiny", device="auto", seed=0, workers=None, resume=False)
+    args = Namespace(preset="tiny", device="auto", seed=0, workers=None, resume=False, video="auto")
     built = pipeline.stages(args, tmp_path)
     assert [s.name for s in built] == list(pipeline.STAGES)
     for s in built:
@@ -78,10 +78,23 @@ def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_pat
     assert tmp_path / "drive.json" in made and tmp_path / "output_dream.gif" in made
 
 
+def test_the_drive_is_recorded_as_gif_where_mp4_cannot_be_written(tmp_path, monkeypatch):
+    args = Namespace(preset="tiny", device="auto", seed=0, workers=None, resume=False, video="auto")
+    final = lambda: pipeline.stages(args, tmp_path)[-1]                     # noqa: E731  the drive_mpc stage
+    assert final().outputs[-1] == tmp_path / "drive.mp4"                    # imageio-ffmpeg is in requirements.txt
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)                # as on a machine without it
+    assert final().outputs[-1] == tmp_path / "drive.gif"
+    assert final().argv[final().argv.index("--record") + 1] == str(tmp_path / "drive.gif")
+    args.video = "mp4"                                                      # asked for: fail before any stage
+    with pytest.raises(SystemExit, match="needs imageio-ffmpeg"):
+        pipeline.main(Namespace(**vars(args), out_dir=str(tmp_path), force=None))
+    assert not (tmp_path / "logs").exists()
+
+
 def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
     for preset, run in pipeline.RUN.items():
         drives, _, judge_epochs = run["onpolicy"]
-        args = Namespace(preset=preset, device="auto", seed=0, workers=None, resume=False)
+        args = Namespace(preset=preset, device="auto", seed=0, workers=None, resume=False, video="auto")
         built = {s.name: s.argv for s in pipeline.stages(args, ROOT / "unused")}
         collect, judge = built["collect_onpolicy1"], built["train_cost_model_onpolicy1"]
         assert collect[collect.index("--episodes") + 1] == str(drives)
