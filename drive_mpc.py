@@ -239,18 +239,26 @@ class OnPolicyDriver:
         return action, {}                          # the episode format has no energy column
 
 
+def can_write_mp4() -> bool:
+    """Whether imageio's ffmpeg plugin is installed (without it imageio picks another writer for .mp4 by the
+    suffix and raises only once the drive is over)."""
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def check_record_path(path: str) -> None:
-    """Fail before driving, not after it: a .mp4 needs imageio's ffmpeg plugin (without it imageio picks
-    another writer by the suffix and raises only once the drive is over); other suffixes are not supported."""
+    """Fail before driving, not after it: a .mp4 needs imageio-ffmpeg; other suffixes than .mp4 and .gif are
+    not supported."""
     if path.endswith(".gif"):
         return
     if not path.endswith(".mp4"):
         raise SystemExit(f"--record {path}: give a .mp4 or .gif path")
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
+    if not can_write_mp4():
         raise SystemExit(f"--record {path}: writing .mp4 needs imageio-ffmpeg (pip install 'imageio[ffmpeg]'), "
-                         "or record a .gif") from None
+                         "or record a .gif")
 
 
 class Recorder:

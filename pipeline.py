@@ -115,13 +115,9 @@ def drive_video(w: Path, choice: str) -> Path:
     """Where the final drive is recorded. auto: drive.mp4 where imageio-ffmpeg is installed, else drive.gif
     (a lent GPU machine had no ffmpeg: a whole run should not refuse to start over the video's format).
     An explicit mp4 without it fails here, before the first stage, not after the training."""
-    from drive_mpc import check_record_path
+    from drive_mpc import can_write_mp4, check_record_path
     if choice == "auto":
-        try:
-            import imageio_ffmpeg  # noqa: F401
-            choice = "mp4"
-        except ImportError:
-            choice = "gif"
+        choice = "mp4" if can_write_mp4() else "gif"
     path = w / f"drive.{choice}"
     check_record_path(str(path))
     return path
