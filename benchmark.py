@@ -1,6 +1,6 @@
 """Measure the pipeline's speeds side by side on this machine and print one table.
 
-    python benchmark.py                       # about 2-3 minutes on 2 CPU cores
+    python benchmark.py                       # about 4 minutes on 2 CPU cores
     python benchmark.py --json bench.json --device cuda
 
 Each row runs in its own subprocess, so its peak RSS is its own. Rows:
@@ -12,7 +12,8 @@ Each row runs in its own subprocess, so its peak RSS is its own. Rows:
   predictor  T+15 predictor training windows/s at the chosen preset
   planning   MPC milliseconds per decision (1,000 x 15) at the small and full sizes, both planners, and
              iCEM with the expert prior (drive_mpc.py's default: its dream first, then the plan) in
-             float32 and at --precision auto (bfloat16 layers where the device computes them natively)
+             float32, at --precision auto (bfloat16 layers where the device computes them natively), and
+             at --precision auto --compile on (torch.compile; its half minute of compiling is not counted)
 """
 from __future__ import annotations
 
@@ -162,7 +163,7 @@ def bench_predictor(preset_name: str, device: str, steps: int) -> dict:
 
 
 def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", prior: bool = False,
-                  precision: str = "fp32"):
+                  precision: str = "fp32", compile: str = "off"):
     """An MPCPolicy of the preset's sizes with untrained weights, reset: the cost of planning, not its quality."""
     import numpy as np
     import torch
@@ -175,21 +176,23 @@ def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", 
     policy = MPCPolicy(TinyEncoder(p["encoder"]["width"], lat).to(dev),
                        Predictor(lat, p["predictor"]["hidden"], p["predictor"]["layers"]).to(dev),
                        CostModel(lat, p["cost"]["hidden"]).to(dev), dev, planner=planner,
-                       prior=ExpertPrior(lat, p["prior"]["hidden"]).to(dev) if prior else None, precision=precision)
+                       prior=ExpertPrior(lat, p["prior"]["hidden"]).to(dev) if prior else None, precision=precision,
+                       compile=compile)
     policy.reset(np.random.default_rng(0))
     return policy
 
 
 def bench_planning(preset_name: str, device: str, planner: str, plans: int, prior: bool = False,
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", compile: str = "off") -> dict:
     """Milliseconds per MPC decision: encode one frame, (dream the prior's plan,) 1,000 sequences x 15 steps,
     judge, pick."""
     import numpy as np
-    policy = preset_policy(preset_name, device, planner, prior, precision)
+    policy = preset_policy(preset_name, device, planner, prior, precision, compile)
     frame = np.zeros((64, 64, 3), np.uint8)
     ms = [float(policy.act(frame)[1]["plan_ms"]) for _ in range(plans + 2)][2:]      # 2 warm-up plans
     return {"preset": preset_name, "planner": planner, "prior": prior, "precision": precision,
-            "plan_ms_median": float(np.median(ms)), "plan_ms_p95": float(np.percentile(ms, 95))}
+            "compiled": policy.compiled, "plan_ms_median": float(np.median(ms)),
+            "plan_ms_p95": float(np.percentile(ms, 95))}
 
 
 SECTIONS = {"env": bench_env, "collector": bench_collector, "scaling": bench_scaling, "loader": bench_loader,
@@ -217,9 +220,10 @@ def main(args):
             ("loader", {"seconds": 5.0}), ("encoder", {"preset_name": args.preset, "device": args.device, "steps": 10}),
             ("predictor", {"preset_name": args.preset, "device": args.device, "steps": 20})]
     plan += [("planning", {"preset_name": size, "device": args.device, "planner": planner, "plans": 10, "prior": prior,
-                           "precision": precision})
-             for size in ("small", "full") for planner, prior, precision in
-             (("shooting", False, "fp32"), ("icem", False, "fp32"), ("icem", True, "fp32"), ("icem", True, "auto"))]
+                           "precision": precision, "compile": compile})
+             for size in ("small", "full") for planner, prior, precision, compile in
+             (("shooting", False, "fp32", "off"), ("icem", False, "fp32", "off"), ("icem", True, "fp32", "off"),
+              ("icem", True, "auto", "off"), ("icem", True, "auto", "on"))]
     for name, kw in plan:
         r = run_section(name, **kw)
         rows.append({"section": name, **r})

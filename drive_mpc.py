@@ -6,6 +6,7 @@
     python drive_mpc.py --policy expert --episodes 20 --seed 0 --json expert.json
     python drive_mpc.py --prior none                      # no expert prior: plans from the shifted last plan only
     python drive_mpc.py --policy prior                    # the expert prior alone, no world model (ablation)
+    python drive_mpc.py --compile off                     # skip torch.compile's half minute; plans slower
     python drive_mpc.py --episodes 10 --seed 0 --save-episodes drives   # keep every drive, step by step
     python drive_mpc.py --collect data_onpolicy1 --planner shooting --w-progress 1 --w-road 1 --prior none \
         --episodes 32 --seed 1
@@ -57,6 +58,16 @@ def plan_dtype(precision: str, device):
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+def compile_dream(choice: str, device, predictor) -> bool:
+    """on | off | auto -> whether to torch.compile the dream and its judgment. auto: on a CPU, for models of
+    the small size and up (predictor width >= 256), where the fused kernels plan faster (README, "Planning
+    time"); compiling takes half a minute, which tiny models' short drives never win back."""
+    import torch
+    if choice == "auto":
+        return torch.device(device).type == "cpu" and predictor.config["hidden"] >= 256
+    return choice == "on"
+
+
 class MPCPolicy:
     """Energy-based receding-horizon planner on the learned world model (camera frames only)."""
 
@@ -65,7 +76,8 @@ class MPCPolicy:
     def __init__(self, encoder, predictor, cost, device, planner: str = "icem", samples: int = 1000,
                  horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
-                 discount: float = 1.0, prior=None, w_prior: float = 1.0, precision: str = "fp32"):
+                 discount: float = 1.0, prior=None, w_prior: float = 1.0, precision: str = "fp32",
+                 compile: str = "off"):
         import torch
         reuse_freed_memory()            # each plan allocates and frees MBs of activations: keep them for reuse
         self.torch, self.device = torch, device
@@ -81,6 +93,8 @@ class MPCPolicy:
         self.history = getattr(predictor, "history", 1)      # past latents the predictor reads beside z_t
         self.w = (w_progress, w_road, w_expert)
         self.discount = torch.tensor([discount ** h for h in range(horizon)], device=device)
+        self.judge, self.prior_dream = self._judge, self._prior_dream
+        self.compiled = compile_dream(compile, device, predictor) and self._compile()
 
     def reset(self, rng: np.random.Generator) -> None:
         self.rng = rng
@@ -90,8 +104,14 @@ class MPCPolicy:
 
     def energy(self, hist, seqs: np.ndarray):
         """hist [1,history+1,D], seqs [N,H,2] -> energy [N] of each sequence's predicted future."""
-        torch, F = self.torch, self.torch.nn.functional
+        torch = self.torch
         actions = torch.from_numpy(longitudinal_to_action(seqs[..., 0], seqs[..., 1])).to(self.device)  # [N,H,3]
+        return self.judge(hist, torch.from_numpy(seqs).to(self.device), actions)
+
+    def _judge(self, hist, seqs, actions):
+        """The dream and its judgment in torch alone (what --compile compiles): hist [1,history+1,D],
+        seqs [N,H,2] (steer, longitudinal), actions [N,H,3] (the same as env actions) -> energy [N]."""
+        torch, F = self.torch, self.torch.nn.functional
         n = len(seqs)
         z = self.predictor.rollout(hist.expand(n, -1, -1), actions)                                  # [N,H,D]
         prev = torch.cat([hist[:, -1:].expand(n, 1, -1), z[:, :-1]], 1)                               # [N,H,D]
@@ -109,18 +129,51 @@ class MPCPolicy:
             # What the expert would do in each dreamt state: action h is taken in state h, seen with state h-1.
             seen = torch.cat([hist[:, -2:].expand(n, 2, -1), z[:, :-1]], 1)                       # [N,H+1,D]
             want = self.prior(seen[:, :-1], seen[:, 1:]).clamp(-1, 1)                             # [N,H,2]
-            step = step + self.w_prior * (torch.from_numpy(seqs).to(self.device) - want).pow(2).sum(-1)
+            step = step + self.w_prior * (seqs - want).pow(2).sum(-1)
         return (step * self.discount).sum(1)
+
+    def _compile(self) -> bool:
+        """torch.compile the dream of the samples and their judgment (`_judge`) and the prior's dream; True
+        where it worked. Where compiling fails (no C++ compiler, say) it says so and planning stays uncompiled.
+        It compiles here, on zeros of the shapes the planner sends, so no decision waits for it: each function
+        one whole graph (fullgraph: a break in it fails here, and in the tests), a dynamic batch size, and the
+        weights frozen into the graph as constants (inductor's `freezing`: they never change while driving)."""
+        torch = self.torch
+        import torch._inductor.config
+        judge = torch.compile(self._judge, dynamic=True, fullgraph=True)
+        prior_dream = self._prior_dream if self.prior is None else torch.compile(self._prior_dream, fullgraph=True)
+        per = self.samples // self.iterations if self.planner == "icem" else self.samples
+        t0 = time.perf_counter()
+        try:
+            # freezing through the config: measured, torch.compile(options={"freezing": True}) planned no faster
+            with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
+                hist = torch.zeros(1, self.history + 1, len(self.predictor.mu), device=self.device)
+                for n in (per, per + 1):
+                    judge(hist, torch.zeros(n, self.horizon, 2, device=self.device),
+                          torch.zeros(n, self.horizon, 3, device=self.device))
+                if self.prior is not None:
+                    prior_dream(hist)
+        except Exception as e:                                     # whatever inductor raises, plan uncompiled
+            print(f"planning uncompiled: torch.compile failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+            return False
+        print(f"dream compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        self.judge, self.prior_dream = judge, prior_dream
+        return True
 
     def prior_plan(self, hist) -> np.ndarray:
         """The prior's closed-loop drive in the dream: hist [1,history+1,D] -> plan [H,2] (steer, longitudinal)."""
+        return self.prior_dream(hist).cpu().numpy()
+
+    def _prior_dream(self, hist):
+        """prior_plan in torch alone (what --compile compiles): hist [1,history+1,D] -> plan [H,2]."""
         plan = []
         for _ in range(self.horizon):
             a = self.prior(hist[:, -2], hist[:, -1]).clamp(-1, 1)                                     # [1,2]
-            plan.append(a[0].cpu().numpy())
-            actions = self.torch.from_numpy(longitudinal_to_action(plan[-1][0], plan[-1][1])).to(self.device)
+            plan.append(a)
+            lon = a[:, 1:]                                        # as longitudinal_to_action: [steer, gas, brake]
+            actions = self.torch.cat([a[:, :1], lon.clamp_min(0), (-lon).clamp_min(0)], 1)             # [1,3]
             hist = self.torch.cat([hist[:, 1:], self.predictor.rollout(hist, actions.view(1, 1, 3))], 1)
-        return np.stack(plan).astype(np.float32)
+        return self.torch.cat(plan)
 
     def _noise(self, n: int) -> np.ndarray:
         return colored_noise(self.beta, (n, 2, self.horizon), self.rng).transpose(0, 2, 1)            # [n,H,2]
@@ -286,13 +339,35 @@ class Recorder:
             imageio.mimsave(self.path, self.frames, fps=50)
 
 
+_BUILT: dict = {}                                   # this process's last driver, by its spec and files
+
+
+def uncompiled(spec: dict) -> dict:
+    """The same driver spec with --compile off: for checking the checkpoints, and for the prior alone."""
+    return {**spec, "mpc": {**spec["mpc"], "compile": "off"}}
+
+
+def _driver(job: dict):
+    """The policy of an evaluation job: the expert, new each track; the MPC or the prior alone, built once and
+    reused while the spec and its checkpoint files stay the same (compiling takes half a minute)."""
+    if job["policy"] == "expert":
+        return Expert()
+    files = [job[k] for k in ("encoder", "predictor", "cost", "prior") if job[k]]
+    # Which file each path holds, too: a checkpoint rewritten in place (a new file, os.replace'd) is a new driver.
+    stats = [(f, os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files]
+    key = json.dumps([{k: job[k] for k in ("policy", "device", "mpc")}, stats])
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = load_mpc(job) if job["policy"] == "mpc" else PriorPolicy(load_mpc(uncompiled(job)))
+    return _BUILT[key]
+
+
 def _drive(job: dict) -> dict:
     """One evaluation episode (in a worker process, or inline with --workers 1)."""
     if job["threads"]:
         import torch
         torch.set_num_threads(job["threads"])
-    make = {"expert": Expert, "mpc": lambda: load_mpc(job), "prior": lambda: PriorPolicy(load_mpc(job))}
-    policy = make[job["policy"]]()
+    policy = _driver(job)
     env = make_env("human" if job["render"] else None)
     recorder = Recorder(job["record"]) if job["record"] else None
     t0 = time.perf_counter()
@@ -302,7 +377,8 @@ def _drive(job: dict) -> dict:
         recorder.save()
     if job["save_episodes"]:
         save_drive(job["save_episodes"], job["seed"], job["policy"], ep)
-    return {"seed": job["seed"], **episode_summary(ep), "seconds": time.perf_counter() - t0}
+    return {"seed": job["seed"], **episode_summary(ep), "seconds": time.perf_counter() - t0,
+            "compiled": bool(getattr(policy, "compiled", False))}
 
 
 def save_drive(folder: str, seed: int, policy: str, ep: dict) -> None:
@@ -358,7 +434,9 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
                        "plan_ms_p95": round(float(np.percentile(ms, 95)), 2), "prior": base["prior"]})
     if base["policy"] == "mpc":
         dtype = plan_dtype(base["mpc"]["precision"], pick_device(base["device"]))
-        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"], "plan_dtype": str(dtype).removeprefix("torch.")})
+        report.update({"planner": base["mpc"]["planner"], "mpc": base["mpc"],
+                       "plan_dtype": str(dtype).removeprefix("torch."),
+                       "compiled": all(r["compiled"] for r in results)})
     return report
 
 
@@ -406,7 +484,7 @@ def main(args):
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
-                    "w_prior": args.w_prior, "precision": args.precision}}
+                    "w_prior": args.w_prior, "precision": args.precision, "compile": args.compile}}
     if args.record:
         check_record_path(args.record)
     if args.policy == "prior" and not base["prior"]:
@@ -414,7 +492,7 @@ def main(args):
     if args.policy != "expert":
         from models import CheckpointError
         try:
-            load_mpc(base)                          # fail now, with the stage to run, not in a worker
+            load_mpc(uncompiled(base))              # fail now, with the stage to run, not in a worker
         except CheckpointError as e:
             raise SystemExit(f"cannot drive: {e}") from None
         print(f"models: encoder {base['encoder']}, predictor {base['predictor']}, judge {base['cost']}, "
@@ -491,6 +569,9 @@ def parser():
     # and scored the same (session 10's models, tracks 0-29: bf16 minus fp32 +28.5, SE 29.8).
     g.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
                    help="number format of the dream's layers; auto: bf16 on a CPU that computes it natively")
+    g.add_argument("--compile", default="auto", choices=["on", "off", "auto"],
+                   help="torch.compile the dream (about half a minute, once per process); auto: on a CPU, for "
+                        "models of the small size and up")
     return p
 
 

@@ -1,5 +1,6 @@
 """The planner: known optimum found by both planners, warm start, end-to-end headless drive with --json."""
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -161,6 +162,7 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
     if policy == "mpc":
         assert report["mpc"]["precision"] == precision
         assert report["plan_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[precision]
+        assert report["compiled"] is False                     # auto: tiny models are not worth compiling
     import imageio.v3 as iio
     assert iio.imread(tmp_path / "d.mp4").shape[0] == 8 * 4                  # every env frame: k per step
     arrays, meta = read_episode(tmp_path / "drives" / episode_name(7, 0, 8))
@@ -197,6 +199,72 @@ def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypa
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
         assert drive_mpc.plan_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
         assert drive_mpc.plan_dtype("auto", "cuda") == torch.float32
+
+
+def tiny_policy(compile="off", **kw):
+    torch.manual_seed(0)                                       # the same weights for every policy built here
+    models = [Predictor(16, 32, 2, 1), CostModel(16, 16), ExpertPrior(16, 16)]
+    torch.nn.init.normal_(models[0].net[-1].weight, std=0.1)   # it starts as "nothing changes"
+    p = MPCPolicy(TinyEncoder(8, 16), *models[:2], "cpu", prior=models[2], samples=90, compile=compile, **kw)
+    p.reset(np.random.default_rng(0))
+    return p
+
+
+def test_the_compiled_dream_judges_and_plans_as_the_uncompiled_one(monkeypatch, capsys):
+    # Inductor's code generation takes half a minute even for tiny models, too long for the tests; the
+    # "eager" backend still traces both functions through torch.compile (graph capture, dynamic batch
+    # shapes, guards), which is what breaks when the dream's code changes. Inductor's own numbers are
+    # checked by the scores it drives (README, "Planning time").
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    plain, compiled = tiny_policy("off"), tiny_policy("on")
+    assert not plain.compiled and compiled.compiled and "dream compiled" in capsys.readouterr().out
+    assert compiled.judge is not compiled._judge and compiled.prior_dream is not compiled._prior_dream
+    hist = torch.randn(1, 2, 16)
+    with torch.inference_mode():
+        np.testing.assert_allclose(compiled.prior_plan(hist), plain.prior_plan(hist), atol=1e-6)
+        for n in (30, 31, 45):                                 # the batch sizes iCEM sends, and another
+            seqs = np.random.default_rng(n).uniform(-1, 1, (n, 15, 2)).astype(np.float32)
+            np.testing.assert_allclose(compiled.energy(hist, seqs), plain.energy(hist, seqs), rtol=1e-5, atol=1e-5)
+    frames = np.random.default_rng(1).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    for frame in frames:                                       # a receding-horizon drive: the same actions
+        np.testing.assert_allclose(compiled.act(frame)[0], plain.act(frame)[0], atol=1e-5)
+
+
+def test_where_compiling_fails_the_planner_says_so_and_plans_uncompiled(monkeypatch, capsys):
+    def broken(fn, **kw):                                      # as inductor without a C++ compiler
+        def run(*a, **k):
+            raise RuntimeError("no working C++ compiler found")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    p = tiny_policy("on")
+    assert not p.compiled and p.judge == p._judge and p.prior_dream == p._prior_dream
+    assert "planning uncompiled: torch.compile failed (RuntimeError: no working C++" in capsys.readouterr().out
+    action, extras = p.act(np.zeros((64, 64, 3), np.uint8))
+    assert action.shape == (3,) and np.isfinite(extras["energy"])
+
+
+def test_auto_compiles_the_dream_on_a_cpu_at_the_small_size_and_up():
+    small, tiny = Predictor(128, 256, 2), Predictor(16, 32, 1)
+    assert drive_mpc.compile_dream("auto", "cpu", small) and not drive_mpc.compile_dream("auto", "cpu", tiny)
+    assert not drive_mpc.compile_dream("auto", "cuda", small)
+    assert drive_mpc.compile_dream("on", "cpu", tiny) and not drive_mpc.compile_dream("off", "cpu", small)
+
+
+def test_an_evaluation_worker_builds_its_driver_once_for_all_its_tracks(monkeypatch, tiny_models):
+    built = []
+    monkeypatch.setattr(drive_mpc, "load_mpc", lambda spec: built.append(spec) or object())
+    monkeypatch.setattr(drive_mpc, "_BUILT", {})
+    job = {"policy": "mpc", "device": "cpu", "prior": None, "mpc": {"compile": "auto"}, "seed": 0,
+           **{k: str(tiny_models / f"{name}_final.pth") for k, name in
+              (("encoder", "encoder"), ("predictor", "predictor"), ("cost", "cost_model"))}}
+    first = drive_mpc._driver(job)
+    assert drive_mpc._driver({**job, "seed": 1}) is first and len(built) == 1   # the next track: no rebuild
+    second = drive_mpc._driver({**job, "mpc": {"compile": "off"}})
+    assert second is not first and len(built) == 2
+    save_checkpoint(job["cost"], "cost", CostModel(16, 16))                    # retrained in place
+    assert drive_mpc._driver({**job, "mpc": {"compile": "off"}}) is not second and len(built) == 3
+    drive_mpc._driver({**job, "policy": "prior", "prior": str(tiny_models / "prior_final.pth")})
+    assert built[-1]["mpc"]["compile"] == "off"                                # the prior alone: never compiled
 
 
 def test_score_summary_gives_the_standard_error_of_the_mean():
@@ -242,25 +310,25 @@ def test_an_unwritable_recording_fails_before_the_drive(monkeypatch):
     drive_mpc.check_record_path("drive.gif")
 
 
+def refusal(models_dir) -> str:
+    """drive_mpc.py's message when it will not drive (in-process: a subprocess per case costs seconds)."""
+    with pytest.raises(SystemExit) as stop:
+        drive_mpc.main(drive_mpc.parser().parse_args(["--models-dir", str(models_dir), "--headless",
+                                                      "--max-steps", "2"]))
+    return str(stop.value)
+
+
 def test_a_mismatched_checkpoint_names_the_stage_to_run(tiny_models):
     save_checkpoint(tiny_models / "encoder_final.pth", "encoder", TinyEncoder(width=8, latent=16))   # retrained
-    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
-                        "--max-steps", "2"], capture_output=True, text=True)
-    assert r.returncode != 0 and "run train_predictor.py again" in r.stderr
+    assert "run train_predictor.py again" in refusal(tiny_models)
     key = file_hash(tiny_models / "encoder_final.pth")
     for name, kind, model in (("predictor_final.pth", "predictor", Predictor(16, 32, 1, 1)),
                               ("cost_model_final.pth", "cost", CostModel(16, 16))):
         save_checkpoint(tiny_models / name, kind, model, encoder_hash=key)
-    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
-                        "--max-steps", "2"], capture_output=True, text=True)
-    assert r.returncode != 0 and "run train_prior.py again" in r.stderr                 # only the prior is stale
+    assert "run train_prior.py again" in refusal(tiny_models)                        # only the prior is stale
     (tiny_models / "prior_final.pth").unlink()
-    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
-                        "--max-steps", "2"], capture_output=True, text=True)
-    assert r.returncode != 0 and "run train_prior.py first" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models / "none"),
-                        "--headless", "--max-steps", "2"], capture_output=True, text=True)
-    assert r.returncode != 0 and "run train_encoder.py first" in r.stderr
+    assert "run train_prior.py first" in refusal(tiny_models)
+    assert "run train_encoder.py first" in refusal(tiny_models / "none")
 
 
 PAGE_FAULTS = """
