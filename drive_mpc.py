@@ -275,14 +275,15 @@ def load_mpc(spec: dict):
 
 
 class OnPolicyDriver:
-    """The MPC as a collector's policy, built inside the worker process (collection.run_collection)."""
+    """The MPC as a collector's policy, made for each episode inside the worker process
+    (collection.run_collection); the MPC itself is built (and compiled) once per process, by `_driver`."""
 
     privileged = False
 
     def __init__(self, spec: dict, threads: int = 1):
         import torch
         torch.set_num_threads(threads)
-        self.mpc = load_mpc(spec)
+        self.mpc = _driver(spec)
 
     def reset(self, rng: np.random.Generator) -> None:
         self.mpc.reset(rng)

@@ -250,7 +250,7 @@ def test_auto_compiles_the_dream_on_a_cpu_at_the_small_size_and_up():
     assert drive_mpc.compile_dream("on", "cpu", tiny) and not drive_mpc.compile_dream("off", "cpu", small)
 
 
-def test_an_evaluation_worker_builds_its_driver_once_for_all_its_tracks(monkeypatch, tiny_models):
+def test_a_worker_builds_its_driver_once_for_all_its_tracks(monkeypatch, tiny_models):
     built = []
     monkeypatch.setattr(drive_mpc, "load_mpc", lambda spec: built.append(spec) or object())
     monkeypatch.setattr(drive_mpc, "_BUILT", {})
@@ -265,6 +265,9 @@ def test_an_evaluation_worker_builds_its_driver_once_for_all_its_tracks(monkeypa
     assert drive_mpc._driver({**job, "mpc": {"compile": "off"}}) is not second and len(built) == 3
     drive_mpc._driver({**job, "policy": "prior", "prior": str(tiny_models / "prior_final.pth")})
     assert built[-1]["mpc"]["compile"] == "off"                                # the prior alone: never compiled
+    # The collectors make a policy per episode (collection._work): the on-policy driver reuses the MPC too.
+    drivers = [drive_mpc.OnPolicyDriver(job, threads=torch.get_num_threads()) for _ in range(2)]
+    assert drivers[0].mpc is drivers[1].mpc and len(built) == 5
 
 
 def test_score_summary_gives_the_standard_error_of_the_mean():
