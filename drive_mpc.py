@@ -349,8 +349,9 @@ def uncompiled(spec: dict) -> dict:
 
 
 def _driver(job: dict):
-    """The policy of an evaluation job: the expert, new each track; the MPC or the prior alone, built once and
-    reused while the spec and its checkpoint files stay the same (compiling takes half a minute)."""
+    """The policy of an evaluation job or a collector's episode: the expert, new each time; the MPC or the prior
+    alone, built once per process and reused while the spec and its checkpoint files stay the same (compiling
+    takes half a minute)."""
     if job["policy"] == "expert":
         return Expert()
     files = [job[k] for k in ("encoder", "predictor", "cost", "prior") if job[k]]
