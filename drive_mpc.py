@@ -104,16 +104,20 @@ class MPCPolicy:
 
     def energy(self, hist, seqs: np.ndarray):
         """hist [1,history+1,D], seqs [N,H,2] -> energy [N] of each sequence's predicted future."""
-        torch = self.torch
-        actions = torch.from_numpy(longitudinal_to_action(seqs[..., 0], seqs[..., 1])).to(self.device)  # [N,H,3]
-        return self.judge(hist, torch.from_numpy(seqs).to(self.device), actions)
+        return self.judge(hist, self.torch.from_numpy(seqs).to(self.device))
 
-    def _judge(self, hist, seqs, actions):
+    def env_actions(self, plan):
+        """carenv.longitudinal_to_action in torch, for the dream (compiled with it): plan [...,2] (steer,
+        longitudinal) -> [...,3] (steer, gas, brake), the same numbers."""
+        lon = plan[..., 1:].clamp(-1, 1)
+        return self.torch.cat([plan[..., :1].clamp(-1, 1), lon.clamp_min(0), (-lon).clamp_min(0)], -1)
+
+    def _judge(self, hist, seqs):
         """The dream and its judgment in torch alone (what --compile compiles): hist [1,history+1,D],
-        seqs [N,H,2] (steer, longitudinal), actions [N,H,3] (the same as env actions) -> energy [N]."""
+        seqs [N,H,2] (steer, longitudinal) -> energy [N]."""
         torch, F = self.torch, self.torch.nn.functional
         n = len(seqs)
-        z = self.predictor.rollout(hist.expand(n, -1, -1), actions)                                  # [N,H,D]
+        z = self.predictor.rollout(hist.expand(n, -1, -1), self.env_actions(seqs))                   # [N,H,D]
         prev = torch.cat([hist[:, -1:].expand(n, 1, -1), z[:, :-1]], 1)                               # [N,H,D]
         out = self.cost(prev, z)                                                                      # [N,H] each
         p_road = torch.sigmoid(out["road"])
@@ -149,8 +153,7 @@ class MPCPolicy:
             with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
                 hist = torch.zeros(1, self.history + 1, len(self.predictor.mu), device=self.device)
                 for n in (per, per + 1):
-                    judge(hist, torch.zeros(n, self.horizon, 2, device=self.device),
-                          torch.zeros(n, self.horizon, 3, device=self.device))
+                    judge(hist, torch.zeros(n, self.horizon, 2, device=self.device))
                 if self.prior is not None:
                     prior_dream(hist)
         except Exception as e:                                     # whatever inductor raises, plan uncompiled
@@ -170,9 +173,7 @@ class MPCPolicy:
         for _ in range(self.horizon):
             a = self.prior(hist[:, -2], hist[:, -1]).clamp(-1, 1)                                     # [1,2]
             plan.append(a)
-            lon = a[:, 1:]                                        # as longitudinal_to_action: [steer, gas, brake]
-            actions = self.torch.cat([a[:, :1], lon.clamp_min(0), (-lon).clamp_min(0)], 1)             # [1,3]
-            hist = self.torch.cat([hist[:, 1:], self.predictor.rollout(hist, actions.view(1, 1, 3))], 1)
+            hist = self.torch.cat([hist[:, 1:], self.predictor.rollout(hist, self.env_actions(a).view(1, 1, 3))], 1)
         return self.torch.cat(plan)
 
     def _noise(self, n: int) -> np.ndarray:
@@ -356,7 +357,7 @@ def _driver(job: dict):
         return Expert()
     files = [job[k] for k in ("encoder", "predictor", "cost", "prior") if job[k]]
     # Which file each path holds, too: a checkpoint rewritten in place (a new file, os.replace'd) is a new driver.
-    stats = [(f, os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in files]
+    stats = [(f, st.st_ino, st.st_mtime_ns) for f, st in zip(files, map(os.stat, files))]
     key = json.dumps([{k: job[k] for k in ("policy", "device", "mpc")}, stats])
     if key not in _BUILT:
         _BUILT.clear()

@@ -243,6 +243,13 @@ def test_where_compiling_fails_the_planner_says_so_and_plans_uncompiled(monkeypa
     assert action.shape == (3,) and np.isfinite(extras["energy"])
 
 
+def test_the_dream_splits_the_longitudinal_axis_as_the_env_actions_do():
+    from carenv import longitudinal_to_action
+    plan = np.random.default_rng(0).uniform(-1.5, 1.5, (40, 15, 2)).astype(np.float32)   # some out of bounds
+    np.testing.assert_array_equal(tiny_policy().env_actions(torch.from_numpy(plan)).numpy(),
+                                  longitudinal_to_action(plan[..., 0], plan[..., 1]))
+
+
 def test_auto_compiles_the_dream_on_a_cpu_at_the_small_size_and_up():
     small, tiny = Predictor(128, 256, 2), Predictor(16, 32, 1)
     assert drive_mpc.compile_dream("auto", "cpu", small) and not drive_mpc.compile_dream("auto", "cpu", tiny)
