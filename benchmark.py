@@ -167,7 +167,7 @@ def preset_policy(preset_name: str, device: str = "cpu", planner: str = "icem", 
     """An MPCPolicy of the preset's sizes with untrained weights, reset: the cost of planning, not its quality."""
     import numpy as np
     import torch
-    from drive_mpc import MPCPolicy
+    from planner import MPCPolicy
     from models import CostModel, ExpertPrior, Predictor, TinyEncoder
     from presets import pick_device, preset
     p = preset(preset_name)

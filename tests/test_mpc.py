@@ -12,7 +12,8 @@ import torch
 from conftest import ROOT
 from data_loader import episode_name, read_episode
 import drive_mpc
-from drive_mpc import MPCPolicy
+import planner
+from planner import MPCPolicy
 from models import CostModel, ExpertPrior, Predictor, TinyEncoder, save_checkpoint
 from train_predictor import file_hash
 
@@ -193,12 +194,12 @@ def test_bf16_planning_rounds_only_the_layers_and_ranks_plans_as_float32_does():
 
 
 def test_auto_precision_is_bf16_only_on_a_cpu_that_computes_it_natively(monkeypatch):
-    assert drive_mpc.plan_dtype("fp32", "cpu") == torch.float32
-    assert drive_mpc.plan_dtype("bf16", "cpu") == torch.bfloat16
+    assert planner.plan_dtype("fp32", "cpu") == torch.float32
+    assert planner.plan_dtype("bf16", "cpu") == torch.bfloat16
     for native in (True, False):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
-        assert drive_mpc.plan_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
-        assert drive_mpc.plan_dtype("auto", "cuda") == torch.float32
+        assert planner.plan_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+        assert planner.plan_dtype("auto", "cuda") == torch.float32
 
 
 def tiny_policy(compile="off", **kw):
@@ -252,9 +253,9 @@ def test_the_dream_splits_the_longitudinal_axis_as_the_env_actions_do():
 
 def test_auto_compiles_the_dream_on_a_cpu_at_the_small_size_and_up():
     small, tiny = Predictor(128, 256, 2), Predictor(16, 32, 1)
-    assert drive_mpc.compile_dream("auto", "cpu", small) and not drive_mpc.compile_dream("auto", "cpu", tiny)
-    assert not drive_mpc.compile_dream("auto", "cuda", small)
-    assert drive_mpc.compile_dream("on", "cpu", tiny) and not drive_mpc.compile_dream("off", "cpu", small)
+    assert planner.compile_dream("auto", "cpu", small) and not planner.compile_dream("auto", "cpu", tiny)
+    assert not planner.compile_dream("auto", "cuda", small)
+    assert planner.compile_dream("on", "cpu", tiny) and not planner.compile_dream("off", "cpu", small)
 
 
 def test_a_worker_builds_its_driver_once_for_all_its_tracks(monkeypatch, tiny_models):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT, write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache, read_episode, write_episode
-from drive_mpc import MPCPolicy
+from planner import MPCPolicy
 from models import ExpertPrior, TinyEncoder, load_checkpoint, save_checkpoint
 from test_mpc import ActionEcho, ZeroEncoder
 import train_prior
