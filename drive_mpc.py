@@ -367,8 +367,8 @@ def parser():
     g.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
                    help="number format of the dream's layers; auto: bf16 on a CPU that computes it natively")
     g.add_argument("--compile", default="auto", choices=["on", "off", "auto"],
-                   help="torch.compile the dream (about half a minute, once per process); auto: on a CPU, for "
-                        "models of the small size and up")
+                   help="torch.compile the dream (half a minute to a minute, once per process); auto: on a CPU, "
+                        "for models of the small size and up (a GPU plans in time without it)")
     return p
 
 
