@@ -46,7 +46,7 @@ class MistakeExpert(Expert):
         if self.kind:
             self.left -= 1
             action = self._mistake(action)
-        return action, {"mistake": self.kind}
+        return action, {"mistake": np.int8(self.kind)}          # the episode format's int8 column
 
     def _mistake(self, a: np.ndarray) -> np.ndarray:
         steer, gas, brake = float(a[0]), float(a[1]), float(a[2])

@@ -57,8 +57,6 @@ def _work(task: dict) -> dict:
         rng = np.random.default_rng([task["seed"], SOURCES.index(task["source"]), task["index"]])
         ep = run_episode(_ENV, policy, task["track_seed"], k=task["k"], max_steps=task["max_steps"], rng=rng)
         rows = len(ep["obs"])
-        ep.setdefault("mistake", np.zeros(rows, np.int8))
-        ep["mistake"] = ep["mistake"].astype(np.int8)
         meta = {"source": task["source"], "track_seed": task["track_seed"], "seed": task["seed"],
                 "episode": task["index"], "k": task["k"], "policy": task["policy_cls"].__name__,
                 "score": ep["score"], "lap_finished": ep["lap_finished"],

@@ -85,7 +85,12 @@ def validate_episode(arrays: dict, where: str = "episode") -> int:
 
 
 def write_episode(path: str | os.PathLike, arrays: dict, meta: dict) -> None:
-    """Validate and write one episode atomically (temp file + rename: a killed run leaves no partial file)."""
+    """Validate and write one episode atomically (temp file + rename: a killed run leaves no partial file).
+
+    Drives without injected mistakes (every policy but the recovery collector's) may leave `mistake` out:
+    it is written as zeros."""
+    if "obs" in arrays and "mistake" not in arrays:
+        arrays = {**arrays, "mistake": np.zeros(len(arrays["obs"]), np.int8)}
     validate_episode(arrays, str(path))
     payload = {"obs": arrays["obs"], **{n: arrays[n] for n in COLUMNS}}
     meta = {"format_version": EPISODE_VERSION, **meta}

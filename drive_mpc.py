@@ -185,7 +185,7 @@ def save_drive(folder: str, seed: int, policy: str, ep: dict) -> None:
     rows = len(ep["obs"])
     meta = {"source": "evaluation", "track_seed": seed, "policy": policy, "score": ep["score"],
             "lap_finished": ep["lap_finished"], "tiles_fraction": ep["tiles_fraction"], "k": CONTROL_PERIOD}
-    write_episode(Path(folder) / episode_name(seed, 0, rows), {**ep, "mistake": np.zeros(rows, np.int8)}, meta)
+    write_episode(Path(folder) / episode_name(seed, 0, rows), ep, meta)
 
 
 def episode_summary(ep: dict) -> dict:

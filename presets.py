@@ -26,6 +26,9 @@ DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
 # learns the states its planner really visits (DAgger-style aggregation, Ross et al. 2011). Optional:
 # only the predictor and the judge read them, through --onpolicy-dirs.
 ONPOLICY_DIR = "data_onpolicy"
+# The finished driver's drives on training tracks, every step labelled with the expert's action: the prior
+# learns from them too (train_prior.py --onpolicy-dirs; pipeline.py's DAgger round).
+DAGGER_DIR = "data_dagger"
 SOURCES = (*DATA_DIRS, "onpolicy")
 MODELS_DIR = "models"
 # Each on-policy round's predictor and judge: MODELS_DIR/onpolicy{r}/ (pipeline.py writes, drive_mpc.py reads).

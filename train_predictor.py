@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from data_loader import EpisodeData, LatentCache, batch_counts
-from models import LinearProbe, Predictor, build, load_checkpoint, load_weights, save_checkpoint
+from models import Predictor, build, load_checkpoint, load_weights, save_checkpoint
 from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
+from probes import LinearProbe
 
 EVAL_STEPS = (1, 5, 10, 15)
 

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models import ExpertPrior, r2_score, save_checkpoint
+from models import ExpertPrior, save_checkpoint
 from presets import (MODELS_DIR, add_data_args, add_head_args, apply_preset, atomic_write, common_parser, data_dirs,
                      pick_device)
+from probes import r2_score
 from train_predictor import latent_caches
 
 EXPERT_SOURCES = ("race", "recovery")

@@ -23,6 +23,15 @@ def test_episode_round_trip(tmp_path):
         np.testing.assert_array_equal(arrays[key], ep[key])
 
 
+def test_episodes_without_injected_mistakes_are_written_with_zeros(tmp_path):
+    ep = synthetic_episode(9, tag=2)
+    del ep["mistake"]
+    write_episode(tmp_path / "a.npz", ep, {})
+    arrays, _ = read_episode(tmp_path / "a.npz")
+    assert arrays["mistake"].dtype == np.int8 and arrays["mistake"].shape == (9,) and not arrays["mistake"].any()
+    np.testing.assert_array_equal(arrays["obs"], ep["obs"])
+
+
 def test_format_1_files_read_with_no_expert_label(tmp_path):
     ep = synthetic_episode(6, tag=3)
     payload = {"obs": ep["obs"], **{n: ep[n] for n in COLUMNS if n != "expert_action"}}

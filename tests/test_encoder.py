@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, write_sources
-from models import (CheckpointError, LinearProbe, TinyDecoder, TinyEncoder, build, load_checkpoint, probe_report,
-                    r2_score, save_checkpoint, view_targets)
+from models import CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
+from probes import LinearProbe, probe_report, r2_score, view_targets
 import train_decoder
 import train_encoder
 from train_encoder import augment, effective_rank, vicreg_terms

@@ -7,7 +7,8 @@ import torch
 
 from conftest import write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache
-from models import LinearProbe, Predictor, TinyEncoder, load_checkpoint, save_checkpoint
+from models import Predictor, TinyEncoder, load_checkpoint, save_checkpoint
+from probes import LinearProbe
 import train_predictor
 from train_predictor import evaluate, latent_caches, leaving_recall
 

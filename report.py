@@ -1,0 +1,126 @@
+"""report.md of a pipeline.py work directory: what the stages left on disk, in tables and figures.
+
+Not a stage: pipeline.py calls write_report() after its stages. A section whose files are missing (a stage
+that has not run, or failed) is left out.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from presets import DAGGER_DIR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, VISUALS_DIR, onpolicy_rounds
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _last_line(path: Path):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    fmt = lambda x: f"{x:.4g}" if isinstance(x, float) else str(x)     # noqa: E731
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(fmt(x) for x in row) + " |" for row in rows), ""]
+
+
+def _figure(w: Path, path: Path, alt: str) -> list[str]:
+    return [f"![{alt}]({path.relative_to(w).as_posix()})", ""] if path.exists() else []
+
+
+def plot_scores(drive: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(drive["scores"]) + 2), 3.5))
+    colours = ["tab:green" if lap else "tab:blue" for lap in drive["lap_finished"]]
+    ax.bar([str(s) for s in drive["seeds"]], drive["scores"], color=colours)
+    ax.axhline(drive["mean"], color="gray", ls="--", label=f"mean {drive['mean']:.1f}")
+    ax.set_xlabel("track seed (green: lap finished)"), ax.set_ylabel("score"), ax.legend()
+    ax.set_title("MPC drive scores on unseen tracks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[str],
+                 extra_folders: list[str], cut: int | None) -> None:
+    """w/report.md. status: {stage: "ran" | "skipped"} in the pipeline's order; extra_folders: the data
+    folders after the three sources (on-policy rounds, DAgger); cut: the control steps each drive was
+    stopped at (None: whole drives)."""
+    m, v = w / MODELS_DIR, w / VISUALS_DIR
+    out = [f"# TinyAutoJEPA pipeline, preset `{preset}`", "", *(f"> {n}\n" for n in notes),
+           "## Stages", "", *_table(["stage", "this run", "wall time of its last run (s)"],
+                                    [[s, done, timings.get(s, "-")] for s, done in status.items()])]
+    folders = [*DATA_DIRS.items(), *((d, d) for d in extra_folders)]
+    rows = [[src, s["episodes"], s["frames"], f"{s['score_mean']} ± {s['score_std']}", s["laps_finished"],
+             s["off_road_share"], s["median_speed"], s.get("recovered_within_3s", "-")]
+            for src, d in folders if (s := read_json(w / d / "summary.json"))]
+    if rows:
+        out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r; {DAGGER_DIR}: "
+                "the finished driver's, labelled by the expert for the prior.", "",
+                *_table(["source", "episodes", "frames", "score", "laps", "off-road share", "median speed",
+                         "mistakes recovered in 3 s"], rows)]
+    out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
+    if probes := read_json(m / "encoder_probes.json"):
+        out += ["Linear probes on held-out episodes:", "", *_table(["probe", "value"], list(probes.items()))]
+    recon = sorted(v.glob("reconstruct_ep*.png"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    dec = _last_line(v / "decoder_stats.jsonl")
+    if recon or dec:
+        out += ["## Decoder (reconstruction from frozen latents)", ""]
+        if dec:
+            out += [f"Held-out PSNR after encoder epoch {dec['encoder_epoch']}: **{dec['psnr_db']} dB**.", ""]
+        out += _figure(w, recon[-1], "reconstructions") if recon else []
+    out += ["## Predictor", "", *_figure(w, m / "predictor_horizon.png", "prediction error vs horizon")]
+    if pred := _last_line(m / "predictor_stats.jsonl"):
+        keys = sorted({k for r in pred["val"].values() for k in r if k.startswith("ratio@")}, key=lambda k: int(k[6:]))
+        out += [f"Held-out error / copy-baseline error, epoch {pred['epoch']}:", "",
+                *_table(["source", *keys], [[s, *(r.get(k, "-") for k in keys)] for s, r in pred["val"].items()])]
+    # Round 0's predictor, and the last on-policy round's: it has seen the planner's own drives.
+    last = onpolicy_rounds(m, "predictor_probes.json")[-1:]
+    for path in [m / "predictor_probes.json", *(d / "predictor_probes.json" for d in last)]:
+        if probes := read_json(path):
+            by_source = probes.pop("leaving_road_by_source", {})
+            out += [f"Probes through prediction ({path.relative_to(w).as_posix()}):", "",
+                    *_table(["probe", "value"], list(probes.items()))]
+            keys = list(dict.fromkeys(k for r in by_source.values() for k in r))
+            out += ["Held-out windows that leave the road (on it now, off it h steps later): the share the on-road "
+                    "probe sees leave, from the dream and from the true latent, per source:", "",
+                    *_table(["source", *keys], [[s, *(r.get(k, "-") for k in keys)] for s, r in by_source.items()])
+                    ] if by_source else []
+    if (w / "output_dream.gif").exists():
+        out += ["## Dreams", "", "Real future | dreams under the real actions, hard left, full throttle, hard right:",
+                "", *_figure(w, w / "output_dream.gif", "dream")]
+    if cost := read_json(m / "cost_model_stats.json"):
+        val = cost["val"]
+        out += ["## Cost model (held-out)", "", *_table(
+            ["expert AUC", "expert ECE", "on-road accuracy", "progress R²"],
+            [[val["expert_auc"], val["expert_calibration"]["ece"], val["road_accuracy"], val["progress_r2"]]])]
+    priors = [(p.relative_to(w).as_posix(), st) for p in [m / "prior_stats.json",
+              *(d / "prior_stats.json" for d in onpolicy_rounds(m, "prior_stats.json")[-1:])] if (st := read_json(p))]
+    if priors:
+        out += ["## Expert prior (held-out steps: the expert's, and the labelled DAgger drives' where used)", "",
+                *_table(["stats", "sources", "steer R²", "longitudinal R²", "training steps"],
+                        [[path, " + ".join(st["sources"]), st["val"]["steer_r2"], st["val"]["longitudinal_r2"],
+                          st["train_steps"]] for path, st in priors])]
+    if drive := read_json(w / "drive.json"):
+        plot_scores(drive, w / "drive_scores.png")
+        out += ["## Drive (MPC on unseen tracks)", "",
+                f"Score **{drive['mean']:.1f} ± {drive['std']:.1f}** over {len(drive['scores'])} track(s); "
+                f"laps finished {sum(drive['lap_finished'])}/{len(drive['scores'])}; planning "
+                f"{drive.get('plan_ms_median', '-')} ms median, {drive.get('plan_ms_p95', '-')} ms p95."
+                + (f" Each drive was stopped after {cut} control steps, so these scores are partial." if cut else ""),
+                "",
+                *_table(["track seed", "score", "tiles fraction", "lap finished", "off-road share",
+                         "wrong-way share", "median speed"],
+                        [list(r) for r in zip(drive["seeds"], drive["scores"], drive["tiles_fraction"],
+                                              drive["lap_finished"],
+                                              *(drive.get(k, ["-"] * len(drive["seeds"]))
+                                                for k in ("off_road_share", "wrong_way_share", "median_speed")))]),
+                *_figure(w, w / "drive_scores.png", "drive scores")]
+        out += [f"[Video of the first drive]({v})" for v in ("drive.mp4", "drive.gif") if (w / v).exists()][:1]
+        out += [""]
+    (w / "report.md").write_text("\n".join(out))
