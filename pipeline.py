@@ -289,8 +289,8 @@ def main(args):
         # Saved after every stage, so the report of a later, resumed run still has the times.
         timings_path.write_text(json.dumps(timings, indent=1))
         print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
-    write_report(w, args.preset, status, timings, notes,
-                 [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR], RUN[args.preset]["max_steps"])
+    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR]
+    write_report(w, args.preset, status, timings, notes, drives, RUN[args.preset]["max_steps"])
     print(f"report: {w / 'report.md'}")
 
 
