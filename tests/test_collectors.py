@@ -9,6 +9,7 @@ from argparse import Namespace
 
 import numpy as np
 import pytest
+import pygame
 
 from carenv import Expert, colored_noise, longitudinal_to_action, make_env, run_episode, sim_state, to_model_frame
 from collect_data import RandomExplorer
@@ -89,6 +90,7 @@ def test_collection_resumes_and_seeds_are_reproducible(tmp_path):
     metas = [read_episode(p)[1] for p in sorted(tmp_path.glob("*.npz"))]
     assert [m["track_seed"] for m in metas] == [track_seed("random", 3, i) for i in range(3)]
     assert all(m["track_seed"] >= EVAL_SEED_LIMIT and m["k"] == 4 for m in metas)
+    assert {m["versions"]["pygame"] for m in metas} == {pygame.version.ver}      # pygame draws the frames
 
 
 class FailingExplorer(RandomExplorer):
