@@ -161,6 +161,7 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
                  "output_dream.gif", "drive_scores.png", "(drive.mp4)"):
         assert link in report, link
     assert (w / "drive_scores.png").exists()
+    assert not (w / pipeline.ATTEMPTS_FILE).exists()            # tiny's drives are cut short: no gate on them
     # The on-policy rounds: the MPC's own drives, on training tracks only, and the models fine-tuned on them
     for r in range(1, pipeline.ONPOLICY_ROUNDS + 1):
         eps = sorted((w / f"data_onpolicy{r}").glob("*.npz"))
@@ -205,3 +206,59 @@ def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
     # the on-policy rounds drove with the old judge, so they are redone too (their old drives deleted)
     assert ran == set(pipeline.STAGES[pipeline.STAGES.index("train_cost_model"):])
+
+
+# ---------------------------------------------------------------- the gate on the DAgger drives
+def gated_run(workdir, monkeypatch, dagger_scores):
+    """pipeline.main at small with every stage faked: each output holds the seed its stage was given, and
+    the DAgger drives score the next of dagger_scores. Returns [(stage, seed)] run and the report's notes."""
+    scores, ran, notes = iter(dagger_scores), [], []
+
+    def fake_stage(stage, w, resume, grace):
+        seed = stage.argv[stage.argv.index("--seed") + 1]
+        ran.append((stage.name, seed))
+        for out in stage.outputs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            dagger = out.parent.name == "data_dagger"
+            out.write_text(json.dumps({"score_mean": next(scores)}) if dagger else seed)
+
+    monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    monkeypatch.setattr(pipeline, "write_report", lambda w, preset, status, timings, n, *rest: notes.extend(n))
+    pipeline.main(pipeline.parser().parse_args(["--preset", "small", "--workdir", str(workdir), "--seed", "4",
+                                                "--video", "gif"]))
+    return ran, notes
+
+
+def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tmp_path, monkeypatch):
+    line, tries = pipeline.RUN["small"]["gate"]
+    ran, notes = gated_run(tmp_path, monkeypatch, [line - 300, line + 50])
+    later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
+    # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
+    # evaluation tracks from 0) once; the second attempt's stages each get their first seed + 1000
+    assert [s for s, _ in ran] == [*pipeline.STAGES[:-1], *later, "drive_mpc"] and ran[-1][1] == "0"
+    first, second = dict(ran[:len(pipeline.STAGES) - 1]), dict(ran[len(pipeline.STAGES) - 1:-1])
+    assert first["collect_race_data"] == first["train_encoder"] == "4"
+    assert all(int(second[s]) == int(first[s]) + 1000 for s in later)
+    assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"
+    assert (tmp_path / "attempt0" / "models" / "encoder_final.pth").read_text() == "4"
+    assert (tmp_path / "attempt0" / "logs").is_dir() and (tmp_path / "data_race" / "summary.json").exists()
+    attempts = json.loads((tmp_path / "attempts.json").read_text())
+    assert [(a["seed"], a["dagger_score"], a["where"]) for a in attempts] == [(4, line - 300, "attempt0"),
+                                                                            (1004, line + 50, ".")]
+    assert "Driving: attempt 1." in notes[-1]
+    # a second run finds everything up to date: no stage runs, no attempt is added
+    ran, _ = gated_run(tmp_path, monkeypatch, [])
+    assert ran == [] and json.loads((tmp_path / "attempts.json").read_text()) == attempts
+
+
+def test_when_no_attempt_passes_the_gate_the_best_one_drives(tmp_path, monkeypatch):
+    line, tries = pipeline.RUN["small"]["gate"]
+    scores = [line - 300, line - 100, line - 200][:tries]
+    ran, notes = gated_run(tmp_path, monkeypatch, scores)
+    assert [s for s, _ in ran].count("train_encoder") == tries and ran[-1][0] == "drive_mpc"
+    assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"     # attempt 1 is back in place
+    assert (tmp_path / "data_dagger" / "summary.json").exists() and not (tmp_path / "attempt1").exists()
+    assert (tmp_path / "attempt2" / "models" / "encoder_final.pth").read_text() == "2004"
+    assert [a["where"] for a in json.loads((tmp_path / "attempts.json").read_text())] == ["attempt0", ".",
+                                                                                        "attempt2"]
+    assert "Driving: attempt 1." in notes[-1]
