@@ -80,8 +80,13 @@ RUN = {
 # 848.2 and 866.3 scored 841-900 over tracks 0-99, the ten under 800 270-723 on 0-9.
 # A run under the line trains again from the encoder with another seed (the data kept); after `attempts`
 # tries the attempt with the best DAgger mean is kept. Tiny's drives are cut short and full's not measured.
-ATTEMPT_SEED_STRIDE = 1000                     # attempt k trains and drives with --seed S + 1000 k
 ATTEMPTS_FILE = "attempts.json"
+DREAM_GIF = "output_dream.gif"
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of every stage after the collectors in attempt k: --seed S + 1000 k."""
+    return seed + 1000 * attempt
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
 # 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
 ONPOLICY_LR = 2e-4
@@ -143,7 +148,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     common += ["--workers", str(args.workers)] if args.workers else []
     seeded = common + ["--seed", str(args.seed)]
     # Every stage after the collectors: another attempt draws other initialisations and training tracks.
-    seed = args.seed + ATTEMPT_SEED_STRIDE * attempt
+    seed = attempt_seed(args.seed, attempt)
     train = common + ["--seed", str(seed)] + [a for s, d in data.items() for a in (f"--{s}-dir", str(d))]
     resume = ["--resume"] if args.resume else []
     enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
@@ -208,8 +213,8 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
               [enc, *data.values()], [pred, m / "predictor_stats.jsonl", m / "predictor_horizon.png",
                                       m / "predictor_probes.json"]),
         Stage("visualise_dream", train + ["--encoder", str(enc), "--predictor", str(pred), "--decoder",
-                                          str(m / "decoder.pth"), "--out-dir", str(w), "--out", "output_dream.gif"],
-              [enc, pred, m / "decoder.pth", *data.values()], [w / "output_dream.gif"]),
+                                          str(m / "decoder.pth"), "--out-dir", str(w), "--out", DREAM_GIF],
+              [enc, pred, m / "decoder.pth", *data.values()], [w / DREAM_GIF]),
         Stage("train_prior", train + ["--encoder", str(enc), "--out-dir", str(m)], [enc, *data.values()],
               [prior, m / "prior_stats.json"]),
         Stage("train_cost_model", train + ["--encoder", str(enc), "--predictor", str(pred), "--out-dir", str(m)],
@@ -283,7 +288,7 @@ def run_stage(stage: Stage, w: Path, resume: bool, grace_s: float) -> str | None
 # ---------------------------------------------------------------- attempts
 # What one attempt trains and drives; the collected data and the logs' timings are shared by all attempts.
 ATTEMPT_PATHS = (MODELS_DIR, VISUALS_DIR, *(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR,
-                 "output_dream.gif")
+                 DREAM_GIF)
 
 
 def shelve(w: Path, k: int) -> str:
@@ -374,7 +379,7 @@ def main(args):
             print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
         # The gate, before the final drive: a run under the line trains again from the encoder on.
         if stage.name == "train_prior_dagger" and line is not None:
-            if next_attempt(w, attempts, k, args.seed + ATTEMPT_SEED_STRIDE * k, line, tries):
+            if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries):
                 k += 1
                 todo = [s for s in stages(args, w, k) if s.name in STAGES[STAGES.index("train_encoder"):]]
     notes += attempt_notes(attempts, line) if attempts else []
