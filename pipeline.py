@@ -82,14 +82,14 @@ RUN = {
 # tries the attempt with the best DAgger mean is kept. Tiny's drives are cut short and full's not measured.
 ATTEMPTS_FILE = "attempts.json"
 DREAM_GIF = "output_dream.gif"
+# A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
+# 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
+ONPOLICY_LR = 2e-4
 
 
 def attempt_seed(seed: int, attempt: int) -> int:
     """The seed of every stage after the collectors in attempt k: --seed S + 1000 k."""
     return seed + 1000 * attempt
-# A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
-# 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
-ONPOLICY_LR = 2e-4
 
 
 @dataclass
