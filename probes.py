@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -54,8 +55,12 @@ class LinearProbe:
         xb = self._x(x)
         return torch.linalg.solve(xb.T @ xb + lam * torch.eye(xb.shape[1], dtype=xb.dtype), xb.T @ y.double())
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """The fitted values (ridge) or logits (logistic) [N]."""
+        return self._x(x) @ self.w
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._x(x) @ self.w
+        out = self.scores(x)
         return out if self.kind == "ridge" else (out > 0)
 
     def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -70,10 +75,24 @@ def r2_score(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - ((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(1e-12))
 
 
+def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """Probability that a random positive outscores a random negative (Mann-Whitney U), ties halved.
+    Takes tensors on any device (the judge is evaluated where it trained; ranks are computed in NumPy)."""
+    s, y = score.detach().double().cpu().numpy(), label.bool().cpu().numpy()
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s))
+    sorted_s = s[order]
+    ranks[order] = np.arange(1, len(s) + 1)
+    for v in np.unique(sorted_s[np.r_[False, sorted_s[1:] == sorted_s[:-1]]]):      # average tied ranks
+        ranks[s == v] = ranks[s == v].mean()
+    n_pos, n_neg = y.sum(), (~y).sum()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def view_targets(state: dict) -> dict:
     """Lateral offset and heading error as the camera sees them (dict of [N] tensors -> dict of [N]).
 
-    A frame shows the road around the car, not which way the track runs (the road has no arrows). For a car
+    A frame shows the road around the car, and which way the track runs only faintly (direction_target). For a car
     facing against the track (|heading error| > pi/2) the track-frame lateral offset has the opposite sign
     to the offset the frame shows, and its heading error differs by pi from the angle between the nose and
     the road's axis. So besides the track-frame labels the probes read:
@@ -91,13 +110,24 @@ def view_targets(state: dict) -> dict:
             "heading_axial": torch.stack([torch.cos(2 * h), torch.sin(2 * h)], -1)}
 
 
+def direction_target(heading_err: torch.Tensor, lateral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether the car faces along the track (1) or against it (0), and where that is labelled ([N] each).
+
+    Labelled only near the road (|lateral| < NEAR_ROAD), where the road is in view. A frame shows it only
+    faintly: tiles not yet visited keep a three-tile shading (road grey + 0, 2.55, 5.1 of 255, rising along
+    the track) that the simulator repaints plain grey once the car has touched them.
+    """
+    return (torch.cos(heading_err) >= 0).float(), lateral.abs() < NEAR_ROAD
+
+
 def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict) -> dict:
     """Linear probes from latents [N,D] to privileged state (dicts of [N] tensors); fit on train, scored on val.
 
     R^2 for speed, yaw rate, lateral offset and heading error (the last two near the road, where the
     road is in view, in the track's frame and as the camera sees them: view_targets, where heading_axial
     is one ridge probe on the pair (cos 2h, sin 2h) with R^2 pooled over both), accuracy for on-road vs
-    grass, with the majority-class accuracy for reference.
+    grass with the majority-class accuracy for reference, and for facing along vs against the track near
+    the road (direction_target) the balanced accuracy and ROC AUC.
     """
     out = {}
     near_tr, near_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
@@ -113,6 +143,16 @@ def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict)
         probe = LinearProbe("ridge").fit(z_tr[m_tr], y_tr[m_tr])
         out[f"{key}_r2"] = round(probe.score(z_va[m_va], y_va[m_va]), 4)
     out["facing_backwards_share_val"] = round(float((torch.cos(s_va["heading_err"][near_va]) < 0).double().mean()), 4)
+    y_tr, m_tr = direction_target(s_tr["heading_err"], s_tr["lateral"])
+    y_va, m_va = direction_target(s_va["heading_err"], s_va["lateral"])
+    # Few frames face against the track (6% of a small run's near the road), so accuracy says little:
+    # the balanced accuracy (mean of both classes' recall) and the ROC AUC of the probe's logit.
+    probe = LinearProbe("logistic").fit(z_tr[m_tr], y_tr[m_tr])
+    logit, fwd = probe.scores(z_va[m_va]), y_va[m_va].bool()
+    if fwd.any() and not fwd.all():
+        out["facing_forward_auc"] = round(roc_auc(logit, fwd), 4)
+        out["facing_forward_balanced_acc"] = round(0.5 * float((logit[fwd] > 0).double().mean()
+                                                               + (logit[~fwd] <= 0).double().mean()), 4)
     probe = LinearProbe("logistic").fit(z_tr, s_tr["on_road"])
     out["on_road_acc"] = round(probe.score(z_va, s_va["on_road"]), 4)
     share = float(s_va["on_road"].float().mean())

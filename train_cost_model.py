@@ -26,7 +26,7 @@ from tqdm import tqdm
 from models import CostModel, build, load_checkpoint, save_checkpoint
 from presets import (MODELS_DIR, add_data_args, add_head_args, apply_preset, atomic_write, common_parser, data_dirs,
                      pick_device)
-from probes import r2_score
+from probes import r2_score, roc_auc
 from train_predictor import file_hash, latent_caches
 
 
@@ -88,20 +88,6 @@ def predicted_transitions(cache, predictor, per_source: int, recovery_label: str
                       "progress": np.clip(np.diff(w["tiles"], axis=1), 0, 10).astype(np.float32).ravel(),
                       "source": np.full(road.size, s)})
     return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
-
-
-def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    """Probability that a random positive outscores a random negative (Mann-Whitney U), ties halved.
-    Takes tensors on any device (the judge is evaluated where it trained; ranks are computed in NumPy)."""
-    s, y = score.detach().double().cpu().numpy(), label.bool().cpu().numpy()
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    ranks[order] = np.arange(1, len(s) + 1)
-    for v in np.unique(sorted_s[np.r_[False, sorted_s[1:] == sorted_s[:-1]]]):      # average tied ranks
-        ranks[s == v] = ranks[s == v].mean()
-    n_pos, n_neg = y.sum(), (~y).sum()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def calibration(prob: torch.Tensor, label: torch.Tensor, bins: int = 10) -> dict:

@@ -9,7 +9,8 @@ from conftest import write_sources
 from data_loader import EpisodeData, LatentCache
 from models import Predictor, TinyEncoder, load_checkpoint, save_checkpoint
 import train_cost_model
-from train_cost_model import calibration, predicted_transitions, roc_auc
+from probes import roc_auc
+from train_cost_model import calibration, predicted_transitions
 from train_predictor import file_hash
 
 

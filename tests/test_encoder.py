@@ -11,7 +11,7 @@ import torch
 
 from conftest import ROOT, write_sources
 from models import CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
-from probes import LinearProbe, probe_report, r2_score, view_targets
+from probes import LinearProbe, direction_target, probe_report, r2_score, view_targets
 import train_decoder
 import train_encoder
 from train_encoder import augment, effective_rank, vicreg_terms
@@ -117,6 +117,25 @@ def test_probe_report_reads_what_the_latent_holds():
     assert out["lateral_view_r2"] > 0.99 and out["heading_view_r2"] > 0.99 and out["heading_axial_r2"] > 0.99
     assert out["lateral_r2"] < 0.5                              # half the cars face backwards
     assert 0.4 < out["facing_backwards_share_val"] < 0.6
+
+
+def test_direction_probe_reads_it_only_where_the_latent_holds_it():
+    """Facing along vs against the track, near the road only: chance without it in the latent, ~1 with it."""
+    g = torch.Generator().manual_seed(1)
+
+    def split(n, with_direction):
+        heading = (torch.rand(n, generator=g) * 2 - 1) * torch.pi
+        lateral = (torch.rand(n, generator=g) * 2 - 1) * 30
+        state = {"speed": torch.rand(n, generator=g), "yaw_rate": torch.randn(n, generator=g),
+                 "lateral": lateral, "heading_err": heading, "on_road": lateral.abs() < 6.7}
+        z = torch.randn(n, 4, generator=g)
+        target, near = direction_target(heading, lateral)
+        if with_direction:      # held where the label is; far off the road the latent says the opposite
+            z[:, 0] = torch.where(near, target, 1 - target) * 2 - 1 + 0.1 * z[:, 0]
+        return z, state
+    for with_direction, lo, hi in ((False, 0.4, 0.6), (True, 0.99, 1.0)):
+        out = probe_report(*split(3000, with_direction), *split(1000, with_direction))
+        assert lo <= out["facing_forward_auc"] <= hi and lo <= out["facing_forward_balanced_acc"] <= hi, out
 
 
 def test_encoder_shapes_and_latent_size():
