@@ -2,7 +2,8 @@
 
 The probes use simulator state as labels, never as an input to driving: train_encoder.py reports them
 after each run (encoder_probes.json), train_predictor.py through the dream (predictor_probes.json).
-r2_score is also how train_prior.py and train_cost_model.py score their held-out regressions.
+r2_score is also how train_prior.py and train_cost_model.py score their held-out regressions, and
+roc_auc how train_cost_model.py scores the judge's expert head.
 """
 from __future__ import annotations
 
@@ -92,10 +93,10 @@ def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
 def view_targets(state: dict) -> dict:
     """Lateral offset and heading error as the camera sees them (dict of [N] tensors -> dict of [N]).
 
-    A frame shows the road around the car, and which way the track runs only faintly (direction_target). For a car
-    facing against the track (|heading error| > pi/2) the track-frame lateral offset has the opposite sign
-    to the offset the frame shows, and its heading error differs by pi from the angle between the nose and
-    the road's axis. So besides the track-frame labels the probes read:
+    A frame shows the road around the car, and which way the track runs only faintly (direction_target).
+    For a car facing against the track (|heading error| > pi/2) the track-frame lateral offset has the
+    opposite sign to the offset the frame shows, and its heading error differs by pi from the angle between
+    the nose and the road's axis. So besides the track-frame labels the probes read:
     - lateral_view: offset from the centre line towards the car's right (= lateral when facing forward);
     - heading_view: heading error folded into [-pi/2, pi/2] (the nose against the road's axis, + = left);
     - heading_axial [N,2]: (cos 2h, sin 2h), the same angle without the fold's jump at +-pi/2. The road's
