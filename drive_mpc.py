@@ -192,7 +192,7 @@ def episode_summary(ep: dict) -> dict:
     """Per-episode figures from run_episode's arrays (simulator state: evaluation only, never planning).
 
     wrong_way_share: control steps on the road facing against the track (|heading error| > pi/2). A frame
-    shows which way the track runs only faintly (probes.direction_target), so after a spin the car can
+    shows which way the track runs only faintly (probes.facing_forward), so after a spin the car can
     drive the lap backwards, on the road and looking like the expert, reaching no new tiles.
     """
     r = {"score": ep["score"], "tiles_fraction": ep["tiles_fraction"], "lap_finished": ep["lap_finished"],

@@ -93,7 +93,7 @@ def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
 def view_targets(state: dict) -> dict:
     """Lateral offset and heading error as the camera sees them (dict of [N] tensors -> dict of [N]).
 
-    A frame shows the road around the car, and which way the track runs only faintly (direction_target).
+    A frame shows the road around the car, and which way the track runs only faintly (facing_forward).
     For a car facing against the track (|heading error| > pi/2) the track-frame lateral offset has the
     opposite sign to the offset the frame shows, and its heading error differs by pi from the angle between
     the nose and the road's axis. So besides the track-frame labels the probes read:
@@ -105,20 +105,20 @@ def view_targets(state: dict) -> dict:
       angle is the continuous encoding of such an angle (sin 2h ~ 2h near 0: left/right as in heading_view).
     """
     h = state["heading_err"].double()
-    backwards = torch.cos(h) < 0
+    backwards = ~facing_forward(h)
     return {"lateral_view": torch.where(backwards, -state["lateral"].double(), state["lateral"].double()),
             "heading_view": h - math.pi * torch.round(h / math.pi),
             "heading_axial": torch.stack([torch.cos(2 * h), torch.sin(2 * h)], -1)}
 
 
-def direction_target(heading_err: torch.Tensor, lateral: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whether the car faces along the track (1) or against it (0), and where that is labelled ([N] each).
+def facing_forward(heading_err: torch.Tensor) -> torch.Tensor:
+    """Whether the car faces along the track rather than against it, [N] -> bool [N].
 
-    Labelled only near the road (|lateral| < NEAR_ROAD), where the road is in view. A frame shows it only
+    Probed only near the road (|lateral| < NEAR_ROAD), where the road is in view. A frame shows it only
     faintly: tiles not yet visited keep a three-tile shading (road grey + 0, 2.55, 5.1 of 255, rising along
     the track) that the simulator repaints plain grey once the car has touched them.
     """
-    return (torch.cos(heading_err) >= 0).float(), lateral.abs() < NEAR_ROAD
+    return torch.cos(heading_err) >= 0
 
 
 def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict) -> dict:
@@ -128,7 +128,7 @@ def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict)
     road is in view, in the track's frame and as the camera sees them: view_targets, where heading_axial
     is one ridge probe on the pair (cos 2h, sin 2h) with R^2 pooled over both), accuracy for on-road vs
     grass with the majority-class accuracy for reference, and for facing along vs against the track near
-    the road (direction_target) the balanced accuracy and ROC AUC.
+    the road (facing_forward) the balanced accuracy and ROC AUC.
     """
     out = {}
     near_tr, near_va = s_tr["lateral"].abs() < NEAR_ROAD, s_va["lateral"].abs() < NEAR_ROAD
@@ -143,13 +143,12 @@ def probe_report(z_tr: torch.Tensor, s_tr: dict, z_va: torch.Tensor, s_va: dict)
         m_va = near_va if near else torch.ones(len(z_va), dtype=torch.bool)
         probe = LinearProbe("ridge").fit(z_tr[m_tr], y_tr[m_tr])
         out[f"{key}_r2"] = round(probe.score(z_va[m_va], y_va[m_va]), 4)
-    out["facing_backwards_share_val"] = round(float((torch.cos(s_va["heading_err"][near_va]) < 0).double().mean()), 4)
-    y_tr, m_tr = direction_target(s_tr["heading_err"], s_tr["lateral"])
-    y_va, m_va = direction_target(s_va["heading_err"], s_va["lateral"])
+    fwd = facing_forward(s_va["heading_err"][near_va])
+    out["facing_backwards_share_val"] = round(float((~fwd).double().mean()), 4)
     # Few frames face against the track (6% of a small run's near the road), so accuracy says little:
     # the balanced accuracy (mean of both classes' recall) and the ROC AUC of the probe's logit.
-    probe = LinearProbe("logistic").fit(z_tr[m_tr], y_tr[m_tr])
-    logit, fwd = probe.scores(z_va[m_va]), y_va[m_va].bool()
+    probe = LinearProbe("logistic").fit(z_tr[near_tr], facing_forward(s_tr["heading_err"][near_tr]))
+    logit = probe.scores(z_va[near_va])
     if fwd.any() and not fwd.all():
         out["facing_forward_auc"] = round(roc_auc(logit, fwd), 4)
         out["facing_forward_balanced_acc"] = round(0.5 * float((logit[fwd] > 0).double().mean()
