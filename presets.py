@@ -95,10 +95,19 @@ def default_workers() -> int:
     return max(1, min(32, os.cpu_count() or 1))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help, except where the help already says what the default is
+    (flags whose None means "the preset's" or "derived"), so --help never reads "(default: ...) (default: None)"."""
+
+    def _get_help_string(self, action):
+        if "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Flags every script shares, with the same names and meanings everywhere."""
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     g = p.add_argument_group("common")
     g.add_argument("--preset", default="small", choices=sorted(PRESETS),
                    help="scale of the run; explicit flags override its values")

@@ -262,3 +262,20 @@ def test_when_no_attempt_passes_the_gate_the_best_one_drives(tmp_path, monkeypat
     assert [a["where"] for a in json.loads((tmp_path / "attempts.json").read_text())] == ["attempt0", ".",
                                                                                         "attempt2"]
     assert "Driving: attempt 1." in notes[-1]
+
+
+# ---------------------------------------------------------------- help text
+@pytest.mark.parametrize("script", ["collect_race", "train_encoder", "train_decoder", "train_predictor", "train_prior",
+                                    "train_cost_model", "visualise_dream", "drive_mpc", "benchmark", "pipeline"])
+def test_help_gives_each_flags_default_once(script):
+    """A flag whose help already says its default (None standing for the preset's or a derived value) must not
+    get argparse's "(default: None)" after it."""
+    import importlib
+    from collection import collector_parser
+    p = collector_parser("race", "x") if script == "collect_race" else importlib.import_module(script).parser()
+    flat = " ".join(p.format_help().split())
+    stated = [a for a in p._actions if a.help and "default:" in a.help]
+    assert stated, "every script has a flag whose help states its default (--workers)"
+    for action in stated:
+        assert " ".join(action.help.split()) + " (default:" not in flat, action.option_strings
+    assert "(default: 0)" in flat                          # the other flags still show theirs (--seed)
