@@ -195,9 +195,12 @@ def episode_summary(ep: dict) -> dict:
     shows which way the track runs only faintly (probes.facing_forward), so after a spin the car can
     drive the lap backwards, on the road and looking like the expert, reaching no new tiles.
     """
+    import torch
+    from probes import facing_forward
+    backwards = ~facing_forward(torch.from_numpy(np.asarray(ep["heading_err"]))).numpy()
     r = {"score": ep["score"], "tiles_fraction": ep["tiles_fraction"], "lap_finished": ep["lap_finished"],
          "steps": len(ep["obs"]), "off_road_share": float(1 - ep["on_road"].mean()),
-         "wrong_way_share": float((ep["on_road"] & (np.cos(ep["heading_err"]) < 0)).mean()),
+         "wrong_way_share": float((ep["on_road"] & backwards).mean()),
          "median_speed": float(np.median(ep["speed"]))}
     if "plan_ms" in ep:
         r["plan_ms"] = ep["plan_ms"].tolist()
