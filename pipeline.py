@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from presets import (DAGGER_DIR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, VISUALS_DIR, atomic_write,
-                     common_parser, onpolicy_rounds)
+                     common_parser, onpolicy_rounds, preset)
 from report import read_json, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -56,30 +56,6 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
             for s in ("collect", "train_predictor", "train_cost_model")),
           "collect_dagger", "train_prior_dagger", "drive_mpc")
 
-# Evaluation per preset: tracks 0..E-1 (never in the collected data). Tiny cuts each drive short, so its
-# score is partial: it checks that the pipeline works, not how well the car drives.
-# decoder_grace_s: how long the decoder watcher may take, once the encoder is done, to show its last epochs.
-# onpolicy: (drives collected per round, predictor fine-tuning epochs per round at ONPOLICY_LR, the round
-# judge's epochs or None for the preset's). Measured at small on tuning tracks 500-511 after the round:
-# 32 drives 449.7 +- 232.1 against 16 drives 375.5 +- 177.5; with the 32 drives, a judge trained 4 epochs
-# 609.1 +- 149.5 against 20 (the preset's) 449.7 +- 232.1: a discriminator trained to the end overfits
-# the few on-policy drives and scores every dream as far from expert. Full keeps its preset (not measured).
-# dagger: drives of the finished driver whose expert-labelled steps retrain the prior (README, "The expert
-# prior"; 32 measured at small, full's 200 not measured).
-RUN = {
-    "tiny": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300, "onpolicy": (2, 1, None), "dagger": 2,
-             "gate": (None, 1)},
-    "small": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800, "onpolicy": (32, 8, 4), "dagger": 32,
-              "gate": (800.0, 3)},
-    "full": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600, "onpolicy": (200, 8, None),
-             "dagger": 200, "gate": (None, 1)},
-}
-# gate: (line, attempts). The DAgger drives are the finished driver on training tracks, and their mean ranks
-# runs as their cars score where the encoder's probes did not (README, "A gate on the DAgger drives"): over
-# twelve cars (runs and redrawn encoders), Spearman 0.81 against the score on tracks 0-9; the two runs at
-# 848.2 and 866.3 scored 841-900 over tracks 0-99, the ten under 800 270-723 on 0-9.
-# A run under the line trains again from the encoder with another seed (the data kept); after `attempts`
-# tries the attempt with the best DAgger mean is kept. Tiny's drives are cut short and full's not measured.
 ATTEMPTS_FILE = "attempts.json"
 DREAM_GIF = "output_dream.gif"
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
@@ -153,7 +129,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     resume = ["--resume"] if args.resume else []
     enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
     prior = m / "prior_final.pth"
-    run = RUN[args.preset]
+    run = preset(args.preset)["pipeline"]
     cap = ["--max-steps", str(run["max_steps"])] if run["max_steps"] else []     # tiny cuts every drive short
     drive = ["--episodes", str(run["episodes"]), *cap]
     video = drive_video(w, args.video)
@@ -348,7 +324,8 @@ def attempt_notes(attempts: list[dict], line: float) -> list[str]:
 # ---------------------------------------------------------------- main
 def main(args):
     w = Path(args.out_dir or f"runs/{args.preset}").resolve()
-    line, tries = RUN[args.preset]["gate"]
+    run = preset(args.preset)["pipeline"]
+    line, tries = run["gate"]
     line = args.gate if args.gate is not None else line
     tries = args.attempts or tries
     attempts = (read_json(w / ATTEMPTS_FILE) or []) if line is not None else []
@@ -370,7 +347,7 @@ def main(args):
         else:
             print(f"{stage.name:<28} running ({why}) ...", flush=True)
             t0 = time.perf_counter()
-            if note := run_stage(stage, w, args.resume, RUN[args.preset]["decoder_grace_s"]):
+            if note := run_stage(stage, w, args.resume, run["decoder_grace_s"]):
                 notes.append(note)
             timings[stage.name] = round(time.perf_counter() - t0, 1)
             status[stage.name] = "ran"
@@ -384,7 +361,7 @@ def main(args):
                 todo = [s for s in stages(args, w, k) if s.name in STAGES[STAGES.index("train_encoder"):]]
     notes += attempt_notes(attempts, line) if attempts else []
     drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR]
-    write_report(w, args.preset, status, timings, notes, drives, RUN[args.preset]["max_steps"])
+    write_report(w, args.preset, status, timings, notes, drives, run["max_steps"])
     print(f"report: {w / 'report.md'}")
 
 

@@ -42,6 +42,23 @@ EVAL_SEED_LIMIT = 1_000_000
 # Rows are control steps (one stored frame per decision). `frames` is a per-source target;
 # `max_steps` caps control steps per episode (None: the env's own 1000-frame limit).
 # Each stage reads its own sub-dict (e.g. PRESETS["small"]["encoder"]) through apply_preset().
+# pipeline: what pipeline.py runs around the stages (README, "The pipeline").
+#   episodes, max_steps: the final drive, tracks 0..episodes-1 (never in the collected data); tiny cuts each
+#   drive short (max_steps control steps), so its score checks that the pipeline works, not how well the car drives.
+#   decoder_grace_s: how long the decoder watcher may take, once the encoder is done, to show its last epochs.
+#   onpolicy: (drives collected per round, predictor fine-tuning epochs per round at pipeline.ONPOLICY_LR, the
+#   round judge's epochs or None for the preset's). Measured at small on tuning tracks 500-511 after the round:
+#   32 drives 449.7 +- 232.1 against 16 drives 375.5 +- 177.5; with the 32 drives, a judge trained 4 epochs
+#   609.1 +- 149.5 against 20 (the preset's) 449.7 +- 232.1: a discriminator trained to the end overfits the
+#   few on-policy drives and scores every dream as far from expert. Full keeps its preset (not measured).
+#   dagger: drives of the finished driver whose expert-labelled steps retrain the prior (README, "The expert
+#   prior"; 32 measured at small, full's 200 not measured).
+#   gate: (line, attempts). The DAgger drives are the finished driver on training tracks, and their mean ranks
+#   runs as their cars score where the encoder's probes did not (README, "A gate on the DAgger drives"): over
+#   twelve cars (runs and redrawn encoders), Spearman 0.81 against the score on tracks 0-9; the two runs at
+#   848.2 and 866.3 scored 841-900 over tracks 0-99, the ten under 800 270-723 on 0-9. A run under the line
+#   trains again from the encoder with another seed (the data kept); after `attempts` tries the attempt with
+#   the best DAgger mean is kept. Tiny's drives are cut short and full's not measured.
 PRESETS: dict[str, dict] = {
     "tiny": {
         "frames": {"race": 80, "recovery": 80, "random": 80},
@@ -52,6 +69,8 @@ PRESETS: dict[str, dict] = {
         "predictor": {"hidden": 64, "layers": 2, "epochs": 2, "batch_size": 32, "batches_per_epoch": 5},
         "cost": {"hidden": 32, "epochs": 2},
         "prior": {"hidden": 32, "members": 1, "epochs": 2},
+        "pipeline": {"episodes": 1, "max_steps": 30, "decoder_grace_s": 300, "onpolicy": (2, 1, None), "dagger": 2,
+                     "gate": (None, 1)},
     },
     "small": {
         "frames": {"race": 6_000, "recovery": 6_000, "random": 6_000},
@@ -62,6 +81,8 @@ PRESETS: dict[str, dict] = {
         "predictor": {"hidden": 256, "layers": 2, "epochs": 20, "batch_size": 256, "batches_per_epoch": 100},
         "cost": {"hidden": 128, "epochs": 20},
         "prior": {"hidden": 256, "members": 1, "epochs": 30},
+        "pipeline": {"episodes": 10, "max_steps": None, "decoder_grace_s": 1800, "onpolicy": (32, 8, 4),
+                     "dagger": 32, "gate": (800.0, 3)},
     },
     "full": {
         # The seed's volumes: ~1.9M expert, ~2.4M recovery, ~1.5M random frames; the seed's ResNet18.
@@ -73,6 +94,8 @@ PRESETS: dict[str, dict] = {
         "predictor": {"hidden": 1024, "layers": 3, "epochs": 30, "batch_size": 1024, "batches_per_epoch": None},
         "cost": {"hidden": 512, "epochs": 10},
         "prior": {"hidden": 512, "members": 1, "epochs": 10},
+        "pipeline": {"episodes": 20, "max_steps": None, "decoder_grace_s": 4 * 3600, "onpolicy": (200, 8, None),
+                     "dagger": 200, "gate": (None, 1)},
     },
 }
 

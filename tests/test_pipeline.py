@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 import pipeline
 from data_loader import read_episode
-from presets import EVAL_SEED_LIMIT
+from presets import EVAL_SEED_LIMIT, PRESETS
 
 # One thread per process: on a CPU shared with other jobs, torch's default of one thread per core
 # spin-waits against them (the tiny encoder ran 5x and MPC planning 70x slower here without this).
@@ -88,7 +88,8 @@ def test_the_drive_is_recorded_as_gif_where_mp4_cannot_be_written(tmp_path, monk
 
 
 def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
-    for preset, run in pipeline.RUN.items():
+    for preset, spec in PRESETS.items():
+        run = spec["pipeline"]
         drives, _, judge_epochs = run["onpolicy"]
         args = Namespace(preset=preset, device="auto", seed=0, workers=None, resume=False, video="auto")
         built = {s.name: s.argv for s in pipeline.stages(args, ROOT / "unused")}
@@ -165,7 +166,7 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     # The on-policy rounds: the MPC's own drives, on training tracks only, and the models fine-tuned on them
     for r in range(1, pipeline.ONPOLICY_ROUNDS + 1):
         eps = sorted((w / f"data_onpolicy{r}").glob("*.npz"))
-        assert len(eps) == pipeline.RUN["tiny"]["onpolicy"][0]
+        assert len(eps) == PRESETS["tiny"]["pipeline"]["onpolicy"][0]
         for ep in eps:
             meta = read_episode(ep)[1]
             assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
@@ -173,7 +174,7 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     assert f"data_onpolicy{pipeline.ONPOLICY_ROUNDS}" in report
     # DAgger: the finished driver's drives, every step labelled with the expert's action, and the prior they taught
     eps = sorted((w / "data_dagger").glob("*.npz"))
-    assert len(eps) == pipeline.RUN["tiny"]["dagger"]
+    assert len(eps) == PRESETS["tiny"]["pipeline"]["dagger"]
     for ep in eps:
         arrays, meta = read_episode(ep)
         assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
@@ -230,7 +231,7 @@ def gated_run(workdir, monkeypatch, dagger_scores):
 
 
 def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tmp_path, monkeypatch):
-    line, tries = pipeline.RUN["small"]["gate"]
+    line, tries = PRESETS["small"]["pipeline"]["gate"]
     ran, notes = gated_run(tmp_path, monkeypatch, [line - 300, line + 50])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
     # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
@@ -252,7 +253,7 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
 
 
 def test_when_no_attempt_passes_the_gate_the_best_one_drives(tmp_path, monkeypatch):
-    line, tries = pipeline.RUN["small"]["gate"]
+    line, tries = PRESETS["small"]["pipeline"]["gate"]
     scores = [line - 300, line - 100, line - 200][:tries]
     ran, notes = gated_run(tmp_path, monkeypatch, scores)
     assert [s for s, _ in ran].count("train_encoder") == tries and ran[-1][0] == "drive_mpc"
