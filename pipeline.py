@@ -288,11 +288,13 @@ def unshelve(w: Path, folder: str) -> None:
     shutil.rmtree(src)
 
 
-def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, tries: int) -> bool:
+def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, tries: int,
+                 seconds: float) -> bool:
     """Record attempt k (its DAgger drives' mean) and act on the gate: True when another attempt must run.
 
-    attempts: [{"attempt", "seed", "dagger_score", "where"}], where "." is the attempt in place. Under the
-    line with tries left, attempt k is shelved; with none left, the best attempt is put in place.
+    attempts: [{"attempt", "seed", "dagger_score", "minutes", "where"}], where "." is the attempt in place and
+    minutes its stages' time from the encoder to the DAgger prior (`seconds`). Under the line with tries left,
+    attempt k is shelved; with none left, the best attempt is put in place.
     """
     score = read_json(w / DAGGER_DIR / "summary.json")["score_mean"]
     rec = next((a for a in attempts if a["where"] == "."), None)
@@ -300,6 +302,7 @@ def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, 
         rec = {"attempt": k, "seed": seed, "where": "."}
         attempts.append(rec)
     rec["dagger_score"] = score
+    rec["minutes"] = round(seconds / 60, 1)
     passed = score >= line
     print(f"attempt {k} (seed {seed}): DAgger drives {score:.1f}, {'at or over' if passed else 'under'} the line "
           f"{line:.0f}", flush=True)
@@ -314,9 +317,10 @@ def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, 
 
 
 def attempt_notes(attempts: list[dict], line: float) -> list[str]:
-    """One line for the report: every attempt's DAgger mean and which one drives."""
+    """One line for the report: every attempt's DAgger mean and time, and which one drives."""
     kept = next(a for a in attempts if a["where"] == ".")
-    each = "; ".join(f"attempt {a['attempt']} (seed {a['seed']}) {a['dagger_score']:.1f}"
+    each = "; ".join(f"attempt {a['attempt']} (seed {a['seed']}, {a.get('minutes', '-')} min) "
+                     f"{a['dagger_score']:.1f}"
                      + ("" if a["where"] == "." else f" ({a['where']}/)") for a in attempts)
     return [f"DAgger drives' mean against the line {line:.0f}: {each}. Driving: attempt {kept['attempt']}."]
 
@@ -356,7 +360,9 @@ def main(args):
             print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
         # The gate, before the final drive: a run under the line trains again from the encoder on.
         if stage.name == "train_prior_dagger" and line is not None:
-            if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries):
+            # This attempt's stages (timings.json keeps the last run of each: this attempt's, resumed or not).
+            spent = sum(timings.get(s, 0) for s in STAGES[STAGES.index("train_encoder"):-1])
+            if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
                 todo = [s for s in stages(args, w, k) if s.name in STAGES[STAGES.index("train_encoder"):]]
     notes += attempt_notes(attempts, line) if attempts else []

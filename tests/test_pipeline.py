@@ -247,6 +247,8 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     assert [(a["seed"], a["dagger_score"], a["where"]) for a in attempts] == [(4, line - 300, "attempt0"),
                                                                             (1004, line + 50, ".")]
     assert "Driving: attempt 1." in notes[-1]
+    # each attempt's time is recorded and reported, so a gated run's whole cost shows, not only the kept one's
+    assert all(a["minutes"] >= 0 for a in attempts) and "(seed 4, " in notes[-1] and " min) " in notes[-1]
     # a second run finds everything up to date: no stage runs, no attempt is added
     ran, _ = gated_run(tmp_path, monkeypatch, [])
     assert ran == [] and json.loads((tmp_path / "attempts.json").read_text()) == attempts
