@@ -224,6 +224,9 @@ def gated_run(workdir, monkeypatch, dagger_scores):
             out.write_text(json.dumps({"score_mean": next(scores)}) if dagger else seed)
 
     monkeypatch.setattr(pipeline, "run_stage", fake_stage)
+    # A clock that advances 30 s a reading: main reads it before and after each stage, so every stage takes 30 s.
+    clock = iter(range(0, 10**6, 30))
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(pipeline, "write_report", lambda w, preset, status, timings, n, *rest: notes.extend(n))
     pipeline.main(pipeline.parser().parse_args(["--preset", "small", "--workdir", str(workdir), "--seed", "4",
                                                 "--video", "gif"]))
@@ -247,8 +250,10 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     assert [(a["seed"], a["dagger_score"], a["where"]) for a in attempts] == [(4, line - 300, "attempt0"),
                                                                             (1004, line + 50, ".")]
     assert "Driving: attempt 1." in notes[-1]
-    # each attempt's time is recorded and reported, so a gated run's whole cost shows, not only the kept one's
-    assert all(a["minutes"] >= 0 for a in attempts) and "(seed 4, " in notes[-1] and " min) " in notes[-1]
+    # each attempt's time is recorded and reported, so a gated run's whole cost shows, not only the kept one's:
+    # its stages from the encoder to the DAgger prior, 30 s each
+    assert [a["minutes"] for a in attempts] == [len(later) / 2] * 2
+    assert f"(seed 4, {len(later) / 2} min) " in notes[-1] and f"(seed 1004, {len(later) / 2} min) " in notes[-1]
     # a second run finds everything up to date: no stage runs, no attempt is added
     ran, _ = gated_run(tmp_path, monkeypatch, [])
     assert ran == [] and json.loads((tmp_path / "attempts.json").read_text()) == attempts
