@@ -55,6 +55,8 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
           *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
             for s in ("collect", "train_predictor", "train_cost_model")),
           "collect_dagger", "train_prior_dagger", "drive_mpc")
+# What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last.
+ATTEMPT_STAGES = STAGES[STAGES.index("train_encoder"):]
 
 ATTEMPTS_FILE = "attempts.json"
 DREAM_GIF = "output_dream.gif"
@@ -360,11 +362,11 @@ def main(args):
             print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
         # The gate, before the final drive: a run under the line trains again from the encoder on.
         if stage.name == "train_prior_dagger" and line is not None:
-            # This attempt's stages (timings.json keeps the last run of each: this attempt's, resumed or not).
-            spent = sum(timings.get(s, 0) for s in STAGES[STAGES.index("train_encoder"):-1])
+            # This attempt's stages before the drive (timings.json keeps the last run of each: this attempt's).
+            spent = sum(timings.get(s, 0) for s in ATTEMPT_STAGES[:-1])
             if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
-                todo = [s for s in stages(args, w, k) if s.name in STAGES[STAGES.index("train_encoder"):]]
+                todo = [s for s in stages(args, w, k) if s.name in ATTEMPT_STAGES]
     notes += attempt_notes(attempts, line) if attempts else []
     drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR]
     write_report(w, args.preset, status, timings, notes, drives, run["max_steps"])

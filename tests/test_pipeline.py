@@ -237,6 +237,7 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     line, tries = PRESETS["small"]["pipeline"]["gate"]
     ran, notes = gated_run(tmp_path, monkeypatch, [line - 300, line + 50])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
+    assert pipeline.ATTEMPT_STAGES == (*later, "drive_mpc")
     # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
     # evaluation tracks from 0) once; the second attempt's stages each get their first seed + 1000
     assert [s for s, _ in ran] == [*pipeline.STAGES[:-1], *later, "drive_mpc"] and ran[-1][1] == "0"
