@@ -264,8 +264,8 @@ def latest_round(models_dir) -> Path:
 
 
 def newest_prior(models_dir, latest: Path) -> Path:
-    """The last round's prior (retrained on the finished driver's labelled drives) where there is one, else
-    round 0's MODELS_DIR/prior_final.pth."""
+    """The last round's prior where there is one (pipeline.py keeps there round 0's or the one retrained on the
+    finished driver's labelled drives, whichever drove them better), else round 0's MODELS_DIR/prior_final.pth."""
     return latest / "prior_final.pth" if (latest / "prior_final.pth").exists() else Path(models_dir) / "prior_final.pth"
 
 

@@ -13,11 +13,13 @@ After the judge come ONPOLICY_ROUNDS rounds of learning from the MPC's own drive
 (drive_mpc.py --collect -> data_onpolicy{r}/, then train_predictor.py --init and train_cost_model.py on
 all sources -> models/onpolicy{r}/). Then DAgger for the expert prior (the planner's first guess,
 train_prior.py): the finished driver drives training tracks with every step labelled with the expert's action
-(drive_mpc.py --collect -> data_dagger/) and the prior is retrained with them -> models/onpolicy{R}/prior_final.pth.
-The final drive uses the last round's predictor and judge and that prior.
-At small, the DAgger drives gate the run: under --gate (800) it trains again from the encoder on with the
-seed + 1000 (the data kept; the attempt's models and drives moved to attempt{k}/), at most --attempts times
-(3); the attempt with the best DAgger mean drives. attempts.json records each.
+(drive_mpc.py --collect -> data_dagger/) and the prior is retrained with them -> models/onpolicy{R}/dagger/.
+That prior is a draw: the driver with it drives the same tracks again (-> data_prior_check/), and the prior
+that drove them better, round 0's or the retrained one, is kept -> models/onpolicy{R}/prior_final.pth
+(prior_choice.json says which). The final drive uses the last round's predictor and judge and that prior.
+At small, the kept driver's mean on those tracks gates the run: under --gate (800) it trains again from the
+encoder on with the seed + 1000 (the data kept; the attempt's models and drives moved to attempt{k}/), at most
+--attempts times (3); the attempt with the best mean drives. attempts.json records each.
 train_decoder.py runs beside train_encoder.py (on the second GPU when there are two; leave --device
 at auto for that, since --device is passed to every stage).
 
@@ -38,9 +40,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from presets import (DAGGER_DIR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, VISUALS_DIR, atomic_write,
-                     common_parser, onpolicy_rounds, preset)
+from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, PRIOR_CHECK_DIR,
+                     PRIOR_CHOICE, VISUALS_DIR, atomic_write, common_parser, preset)
 from report import read_json, write_report
 
 HERE = Path(__file__).resolve().parent
@@ -54,7 +57,7 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
           "visualise_dream", "train_prior", "train_cost_model",
           *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
             for s in ("collect", "train_predictor", "train_cost_model")),
-          "collect_dagger", "train_prior_dagger", "drive_mpc")
+          "collect_dagger", "train_prior_dagger", "check_prior", "choose_prior", "drive_mpc")
 # What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last.
 ATTEMPT_STAGES = STAGES[STAGES.index("train_encoder"):]
 
@@ -79,6 +82,7 @@ class Stage:
     beside: list[str] | None = None            # argv of train_decoder.py, run alongside this stage
     script: str | None = None                  # when not <name>.py (the on-policy rounds)
     clear: Path | None = None                  # folder emptied before the stage runs (drives of stale models)
+    func: Callable[[], str] | None = None      # run in this process instead of a script; returns its log line
 
 
 def newest(path: Path) -> int | None:
@@ -168,16 +172,22 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         pred_r, cost_r = out / "predictor_final.pth", out / "cost_model_final.pth"
     # DAgger for the prior: the finished driver (the last round's models, round 0's prior) drives training
     # tracks, each step labelled with what the expert would do there; the prior is retrained with them too
-    # into the last round's folder, where drive_mpc.py looks for it first.
-    dag, last = w / DAGGER_DIR, pred_r.parent
+    # (into dagger/). The driver with that prior drives the same tracks (the same --seed) again, and the prior
+    # that drove them better goes to the last round's folder, where drive_mpc.py looks for it first.
+    dag, check, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, pred_r.parent
+    retrained, kept = last / DAGGER_PRIOR / "prior_final.pth", last / "prior_final.pth"
+    tracks = ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless", *models(pred_r, cost_r),
+              "--episodes", str(run["dagger"]), *cap]
     dagger = [
-        Stage("collect_dagger", common + ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless",
-                                          *models(pred_r, cost_r), "--prior", str(prior), "--collect", str(dag),
-                                          "--episodes", str(run["dagger"]), *cap],
+        Stage("collect_dagger", common + tracks + ["--prior", str(prior), "--collect", str(dag)],
               [enc, pred_r, cost_r, prior], [dag / "summary.json"], script="drive_mpc", clear=dag),
         Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag),
-                                             "--out-dir", str(last)],
-              [enc, *data.values(), dag], [last / "prior_final.pth", last / "prior_stats.json"], script="train_prior")]
+                                             "--out-dir", str(retrained.parent)],
+              [enc, *data.values(), dag], [retrained, retrained.parent / "prior_stats.json"], script="train_prior"),
+        Stage("check_prior", common + tracks + ["--prior", str(retrained), "--collect", str(check)],
+              [enc, pred_r, cost_r, retrained], [check / "summary.json"], script="drive_mpc", clear=check),
+        Stage("choose_prior", [], [dag, check, prior, retrained], [kept, last / PRIOR_CHOICE],
+              func=lambda: choose_prior(w, last))]
     collectors = [Stage(script, seeded + ["--out-dir", str(data[s])],
                         outputs=[data[s] / "summary.json"])
                   for script, s in (("collect_race_data", "race"), ("collect_recovery_data", "recovery"),
@@ -201,9 +211,8 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         *dagger,
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
         Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), "--prior",
-                                     str(last / "prior_final.pth"), *drive, "--json", str(w / "drive.json"),
-                                     "--record", str(video)],
-              [enc, pred_r, cost_r, last / "prior_final.pth"], [w / "drive.json", video]),
+                                     str(kept), *drive, "--json", str(w / "drive.json"), "--record", str(video)],
+              [enc, pred_r, cost_r, kept], [w / "drive.json", video]),
     ]
 
 
@@ -231,6 +240,11 @@ def run_stage(stage: Stage, w: Path, resume: bool, grace_s: float) -> str | None
     logs = w / "logs"
     if stage.clear is not None:
         shutil.rmtree(stage.clear, ignore_errors=True)
+    if stage.func is not None:
+        line = stage.func()
+        print(f"  {line}", flush=True)
+        (logs / f"{stage.name}.log").write_text(line + "\n")
+        return None
     if stage.beside is None:
         check(start(stage.name, stage.argv, logs, script=stage.script), stage.name, logs)
         return None
@@ -263,10 +277,38 @@ def run_stage(stage: Stage, w: Path, resume: bool, grace_s: float) -> str | None
             watcher.wait()
 
 
+# ---------------------------------------------------------------- the prior that drives
+def last_round(w: Path) -> Path:
+    """The last on-policy round's models: the final drive's predictor, judge and prior."""
+    return w / MODELS_DIR / (f"{ONPOLICY_MODELS}{ONPOLICY_ROUNDS}" if ONPOLICY_ROUNDS else "")
+
+
+PRIORS = {"round0": "round 0's prior", "dagger": "the retrained prior"}
+
+
+def choose_prior(w: Path, last: Path) -> str:
+    """Keep the prior whose driver scored more on the DAgger round's tracks: round 0's (the DAgger drives
+    themselves) or the one retrained on them (the check drives); a tie keeps the retrained one. Copies it to
+    last/prior_final.pth and writes last/prior_choice.json {"round0", "dagger", "kept", "score", "source"}.
+
+    Why: the retrained prior moved the same run's car by -174 to +142 points a track (README, "Which prior
+    drives"), and its check drives fell as far below the DAgger drives where it cost points.
+    """
+    means = {"round0": read_json(w / DAGGER_DIR / "summary.json")["score_mean"],
+             "dagger": read_json(w / PRIOR_CHECK_DIR / "summary.json")["score_mean"]}
+    kept = "dagger" if means["dagger"] >= means["round0"] else "round0"
+    source = last / DAGGER_PRIOR / "prior_final.pth" if kept == "dagger" else w / MODELS_DIR / "prior_final.pth"
+    atomic_write(last / "prior_final.pth", lambda f: f.write(source.read_bytes()))
+    choice = {**means, "kept": kept, "score": means[kept], "source": source.relative_to(w).as_posix()}
+    atomic_write(last / PRIOR_CHOICE, lambda f: f.write(json.dumps(choice, indent=1).encode()))
+    return (f"DAgger round's tracks: round 0's prior {means['round0']:.1f}, retrained prior {means['dagger']:.1f}; "
+            f"kept {source.relative_to(w).as_posix()}")
+
+
 # ---------------------------------------------------------------- attempts
 # What one attempt trains and drives; the collected data and the logs' timings are shared by all attempts.
 ATTEMPT_PATHS = (MODELS_DIR, VISUALS_DIR, *(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR,
-                 DREAM_GIF)
+                 PRIOR_CHECK_DIR, DREAM_GIF)
 
 
 def shelve(w: Path, k: int) -> str:
@@ -290,27 +332,34 @@ def unshelve(w: Path, folder: str) -> None:
     shutil.rmtree(src)
 
 
+def score(attempt: dict) -> float:
+    """An attempt's mean on the DAgger round's tracks; attempts.json of runs before the prior check: the DAgger
+    drives' mean."""
+    return attempt.get("score", attempt.get("dagger_score"))
+
+
 def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, tries: int,
                  seconds: float) -> bool:
-    """Record attempt k (its DAgger drives' mean) and act on the gate: True when another attempt must run.
+    """Record attempt k (its kept driver's mean on the DAgger round's tracks) and act on the gate: True when
+    another attempt must run.
 
-    attempts: [{"attempt", "seed", "dagger_score", "minutes", "where"}], where "." is the attempt in place and
-    minutes its stages' time from the encoder to the DAgger prior (`seconds`). Under the line with tries left,
-    attempt k is shelved; with none left, the best attempt is put in place.
+    attempts: [{"attempt", "seed", "score", "prior", "minutes", "where"}], where "." is the attempt in place,
+    prior the one kept ("dagger" or "round0") and minutes its stages' time from the encoder to the choice of
+    the prior (`seconds`). Under the line with tries left, attempt k is shelved; with none left, the best
+    attempt is put in place.
     """
-    score = read_json(w / DAGGER_DIR / "summary.json")["score_mean"]
+    choice = read_json(last_round(w) / PRIOR_CHOICE)
     rec = next((a for a in attempts if a["where"] == "."), None)
     if rec is None:
         rec = {"attempt": k, "seed": seed, "where": "."}
         attempts.append(rec)
-    rec["dagger_score"] = score
-    rec["minutes"] = round(seconds / 60, 1)
-    passed = score >= line
-    print(f"attempt {k} (seed {seed}): DAgger drives {score:.1f}, {'at or over' if passed else 'under'} the line "
-          f"{line:.0f}", flush=True)
+    rec.update(score=choice["score"], prior=choice["kept"], minutes=round(seconds / 60, 1))
+    passed = score(rec) >= line
+    print(f"attempt {k} (seed {seed}): {score(rec):.1f} on the DAgger round's tracks, {'at or over' if passed else 'under'} "
+          f"the line {line:.0f}", flush=True)
     if not passed and len(attempts) < tries:
         rec["where"] = shelve(w, k)
-    elif not passed and (best := max(attempts, key=lambda a: a["dagger_score"])) is not rec:
+    elif not passed and (best := max(attempts, key=score)) is not rec:
         rec["where"] = shelve(w, k)
         unshelve(w, best["where"])
         best["where"] = "."
@@ -319,12 +368,13 @@ def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, 
 
 
 def attempt_notes(attempts: list[dict], line: float) -> list[str]:
-    """One line for the report: every attempt's DAgger mean and time, and which one drives."""
+    """One line for the report: every attempt's mean, prior and time, and which one drives."""
     kept = next(a for a in attempts if a["where"] == ".")
-    each = "; ".join(f"attempt {a['attempt']} (seed {a['seed']}, {a.get('minutes', '-')} min) "
-                     f"{a['dagger_score']:.1f}"
+    each = "; ".join(f"attempt {a['attempt']} (seed {a['seed']}, {a.get('minutes', '-')} min) {score(a):.1f}"
+                     + (f" with {PRIORS[a['prior']]}" if "prior" in a else "")
                      + ("" if a["where"] == "." else f" ({a['where']}/)") for a in attempts)
-    return [f"DAgger drives' mean against the line {line:.0f}: {each}. Driving: attempt {kept['attempt']}."]
+    return [f"Mean on the DAgger round's tracks against the line {line:.0f}: {each}. "
+            f"Driving: attempt {kept['attempt']}."]
 
 
 # ---------------------------------------------------------------- main
@@ -361,14 +411,14 @@ def main(args):
             timings_path.write_text(json.dumps(timings, indent=1))
             print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
         # The gate, before the final drive: a run under the line trains again from the encoder on.
-        if stage.name == "train_prior_dagger" and line is not None:
+        if stage.name == "choose_prior" and line is not None:
             # This attempt's stages before the drive (timings.json keeps the last run of each: this attempt's).
             spent = sum(timings.get(s, 0) for s in ATTEMPT_STAGES[:-1])
             if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
                 todo = [s for s in stages(args, w, k) if s.name in ATTEMPT_STAGES]
     notes += attempt_notes(attempts, line) if attempts else []
-    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR]
+    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR, PRIOR_CHECK_DIR]
     write_report(w, args.preset, status, timings, notes, drives, run["max_steps"])
     print(f"report: {w / 'report.md'}")
 

@@ -29,6 +29,13 @@ ONPOLICY_DIR = "data_onpolicy"
 # The finished driver's drives on training tracks, every step labelled with the expert's action: the prior
 # learns from them too (train_prior.py --onpolicy-dirs; pipeline.py's DAgger round).
 DAGGER_DIR = "data_dagger"
+# The prior retrained on them is a draw that can cost as much as it gives (README, "Which prior drives"), so
+# the finished driver with it drives the DAgger round's tracks again (PRIOR_CHECK_DIR) before it is kept:
+# pipeline.py trains it into MODELS_DIR/onpolicy{R}/DAGGER_PRIOR/ and copies the prior that drove those
+# tracks better to MODELS_DIR/onpolicy{R}/prior_final.pth, where drive_mpc.py looks first.
+PRIOR_CHECK_DIR = "data_prior_check"
+DAGGER_PRIOR = "dagger"
+PRIOR_CHOICE = "prior_choice.json"         # beside the kept prior: both means and which prior was kept
 SOURCES = (*DATA_DIRS, "onpolicy")
 MODELS_DIR = "models"
 # Each on-policy round's predictor and judge: MODELS_DIR/onpolicy{r}/ (pipeline.py writes, drive_mpc.py reads).
@@ -56,9 +63,10 @@ EVAL_SEED_LIMIT = 1_000_000
 #   gate: (line, attempts). The DAgger drives are the finished driver on training tracks, and their mean ranks
 #   runs as their cars score where the encoder's probes did not (README, "A gate on the DAgger drives"): over
 #   twelve cars (runs and redrawn encoders), Spearman 0.81 against the score on tracks 0-9; the two runs at
-#   848.2 and 866.3 scored 841-900 over tracks 0-99, the ten under 800 270-723 on 0-9. A run under the line
-#   trains again from the encoder with another seed (the data kept); after `attempts` tries the attempt with
-#   the best DAgger mean is kept. Tiny's drives are cut short and full's not measured.
+#   848.2 and 866.3 scored 841-900 over tracks 0-99, the ten under 800 270-723 on 0-9. The gate reads the mean
+#   of the driver that will drive, with the prior kept by pipeline.choose_prior, on those tracks. A run under
+#   the line trains again from the encoder with another seed (the data kept); after `attempts` tries the
+#   attempt with the best mean is kept. Tiny's drives are cut short and full's not measured.
 PRESETS: dict[str, dict] = {
     "tiny": {
         "frames": {"race": 80, "recovery": 80, "random": 80},

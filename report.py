@@ -9,7 +9,8 @@ import json
 import re
 from pathlib import Path
 
-from presets import DAGGER_DIR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, VISUALS_DIR, onpolicy_rounds
+from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE,
+                     VISUALS_DIR, onpolicy_rounds)
 
 
 def read_json(path: Path):
@@ -61,7 +62,8 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
             for src, d in folders if (s := read_json(w / d / "summary.json"))]
     if rows:
         out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r; {DAGGER_DIR}: "
-                "the finished driver's, labelled by the expert for the prior.", "",
+                f"the finished driver's, labelled by the expert for the prior; {PRIOR_CHECK_DIR}: the same tracks "
+                "driven with the prior retrained on them.", "",
                 *_table(["source", "episodes", "frames", "score", "laps", "off-road share", "median speed",
                          "mistakes recovered in 3 s"], rows)]
     out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
@@ -99,13 +101,19 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += ["## Cost model (held-out)", "", *_table(
             ["expert AUC", "expert ECE", "on-road accuracy", "progress R²"],
             [[val["expert_auc"], val["expert_calibration"]["ece"], val["road_accuracy"], val["progress_r2"]]])]
+    retrained = f"{DAGGER_PRIOR}/prior_stats.json"
     priors = [(p.relative_to(w).as_posix(), st) for p in [m / "prior_stats.json",
-              *(d / "prior_stats.json" for d in onpolicy_rounds(m, "prior_stats.json")[-1:])] if (st := read_json(p))]
+              *(d / retrained for d in onpolicy_rounds(m, retrained)[-1:])] if (st := read_json(p))]
     if priors:
         out += ["## Expert prior (held-out steps: the expert's, and the labelled DAgger drives' where used)", "",
                 *_table(["stats", "sources", "steer R²", "longitudinal R²", "training steps"],
                         [[path, " + ".join(st["sources"]), st["val"]["steer_r2"], st["val"]["longitudinal_r2"],
                           st["train_steps"]] for path, st in priors])]
+    for d in onpolicy_rounds(m, PRIOR_CHOICE)[-1:]:
+        c = read_json(d / PRIOR_CHOICE)
+        out += [f"On the DAgger round's tracks the driver scored {c['round0']:.1f} with round 0's prior and "
+                f"{c['dagger']:.1f} with the one retrained on them: driving with **{c['source']}** "
+                f"(copied to {(d / 'prior_final.pth').relative_to(w).as_posix()}).", ""]
     if drive := read_json(w / "drive.json"):
         plot_scores(drive, w / "drive_scores.png")
         out += ["## Drive (MPC on unseen tracks)", "",

@@ -70,7 +70,7 @@ def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_pat
     assert [s.name for s in built] == list(pipeline.STAGES)
     for s in built:
         assert all(tmp_path in p.parents for p in s.outputs), s.name
-        assert (ROOT / f"{s.script or s.name}.py").exists()
+        assert (s.func is not None) != (ROOT / f"{s.script or s.name}.py").exists(), s.name   # a script or a call
     made = {p for s in built for p in s.outputs}
     for i, s in enumerate(built):                            # every input is made by an earlier stage
         earlier = {p for e in built[:i] for p in e.outputs} | {p.parent for e in built[:i] for p in e.outputs}
@@ -100,8 +100,9 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         # the round's drives are the planner's own, without the expert prior; the final drive uses it
         assert collect[collect.index("--prior") + 1] == "none"
         # DAgger: the finished driver, with the prior, drives training tracks of a seed no round used; the prior
-        # retrained on their labelled steps goes into the last round's folder, and the final drive uses it
-        dagger, retrain = built["collect_dagger"], built["train_prior_dagger"]
+        # retrained on their labelled steps goes into the last round's dagger/, the check drives the same
+        # tracks with it, and the final drive uses the prior kept in the last round's folder
+        dagger, retrain, check = built["collect_dagger"], built["train_prior_dagger"], built["check_prior"]
         assert dagger[dagger.index("--prior") + 1] == str(ROOT / "unused" / "models" / "prior_final.pth")
         assert dagger[dagger.index("--episodes") + 1] == str(run["dagger"])
         assert dagger[dagger.index("--seed") + 1] != collect[collect.index("--seed") + 1]
@@ -109,7 +110,10 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
                                                               "predictor_final.pth")
         assert retrain[retrain.index("--onpolicy-dirs") + 1] == dagger[dagger.index("--collect") + 1]
         last = ROOT / "unused" / "models" / f"onpolicy{pipeline.ONPOLICY_ROUNDS}"
-        assert retrain[retrain.index("--out-dir") + 1] == str(last)
+        assert retrain[retrain.index("--out-dir") + 1] == str(last / "dagger")
+        assert check[check.index("--prior") + 1] == str(last / "dagger" / "prior_final.pth")
+        assert check[:check.index("--prior")] == dagger[:dagger.index("--prior")]          # the same tracks, models
+        assert check[check.index("--collect") + 1] == str(ROOT / "unused" / "data_prior_check")
         drive = built["drive_mpc"]
         assert drive[drive.index("--prior") + 1] == str(last / "prior_final.pth")
 
@@ -179,9 +183,21 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
         arrays, meta = read_episode(ep)
         assert meta["policy"] == "OnPolicyDriver" and meta["track_seed"] >= EVAL_SEED_LIMIT
         assert np.isfinite(arrays["expert_action"]).all()
-    stats = json.loads((w / "models" / f"onpolicy{pipeline.ONPOLICY_ROUNDS}" / "prior_stats.json").read_text())
+    last = w / "models" / f"onpolicy{pipeline.ONPOLICY_ROUNDS}"
+    stats = json.loads((last / "dagger" / "prior_stats.json").read_text())
     assert stats["sources"] == ["race", "recovery", "onpolicy1"] and "data_dagger" in report
-    assert f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/prior_stats.json | race + recovery + onpolicy1" in report
+    assert f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/dagger/prior_stats.json | race + recovery + onpolicy1" in report
+    # The check: the driver with the retrained prior drove the DAgger round's very tracks, and the prior kept
+    # (a byte copy of one of the two) is the one whose drives scored more there
+    seeds = lambda d: sorted(read_episode(p)[1]["track_seed"] for p in (w / d).glob("*.npz"))   # noqa: E731
+    assert seeds("data_prior_check") == seeds("data_dagger")
+    choice = json.loads((last / "prior_choice.json").read_text())
+    means = {k: json.loads((w / d / "summary.json").read_text())["score_mean"]
+             for k, d in (("round0", "data_dagger"), ("dagger", "data_prior_check"))}
+    assert (choice["round0"], choice["dagger"]) == (means["round0"], means["dagger"])
+    assert choice["kept"] == ("dagger" if means["dagger"] >= means["round0"] else "round0")
+    assert (last / "prior_final.pth").read_bytes() == (w / choice["source"]).read_bytes()
+    assert f"driving with **{choice['source']}**" in report
     last = f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/predictor_probes.json"
     assert "Probes through prediction (models/predictor_probes.json)" in report and f"({last})" in report
     by_source = json.loads((w / last).read_text())["leaving_road_by_source"]
@@ -209,19 +225,50 @@ def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     assert ran == set(pipeline.STAGES[pipeline.STAGES.index("train_cost_model"):])
 
 
-# ---------------------------------------------------------------- the gate on the DAgger drives
-def gated_run(workdir, monkeypatch, dagger_scores):
-    """pipeline.main at small with every stage faked: each output holds the seed its stage was given, and
-    the DAgger drives score the next of dagger_scores. Returns [(stage, seed)] run and the report's notes."""
-    scores, ran, notes = iter(dagger_scores), [], []
+# ---------------------------------------------------------------- the prior that drives
+def test_the_prior_that_drove_the_dagger_tracks_better_is_kept(tmp_path):
+    last = tmp_path / "models" / "onpolicy1"
+    (last / "dagger").mkdir(parents=True)
+    (tmp_path / "models" / "prior_final.pth").write_bytes(b"round 0")
+    (last / "dagger" / "prior_final.pth").write_bytes(b"retrained")
+    inputs = [tmp_path / "data_dagger", tmp_path / "data_prior_check", tmp_path / "models" / "prior_final.pth",
+              last / "dagger" / "prior_final.pth"]
+    for round0, dagger, kept in ((700.0, 650.0, b"round 0"), (700.0, 700.0, b"retrained"), (600.0, 650.0, b"retrained")):
+        for d, mean in (("data_dagger", round0), ("data_prior_check", dagger)):
+            (tmp_path / d).mkdir(exist_ok=True)
+            (tmp_path / d / "summary.json").write_text(json.dumps({"score_mean": mean}))
+        line = pipeline.choose_prior(tmp_path, last)
+        assert (last / "prior_final.pth").read_bytes() == kept
+        choice = json.loads((last / "prior_choice.json").read_text())
+        assert choice == {"round0": round0, "dagger": dagger, "kept": "round0" if kept == b"round 0" else "dagger",
+                          "score": max(round0, dagger),
+                          "source": "models/prior_final.pth" if kept == b"round 0" else
+                          "models/onpolicy1/dagger/prior_final.pth"}
+        assert f"{round0:.1f}" in line and f"{dagger:.1f}" in line
+        # written after its inputs, so the choice and the drive after it are up to date on the next run
+        assert pipeline.stale(inputs, [last / "prior_final.pth", last / "prior_choice.json"]) is None
+
+
+# ---------------------------------------------------------------- the gate on the DAgger round's tracks
+def gated_run(workdir, monkeypatch, means):
+    """pipeline.main at small with every stage faked but the choice of the prior: each output holds the seed
+    its stage was given, and the DAgger drives and the check drives score the next pair of `means` (round 0's
+    prior, the retrained one). Returns [(stage, seed)] run and the report's notes."""
+    pairs, ran, notes, now = iter(means), [], [], {}
 
     def fake_stage(stage, w, resume, grace):
+        if stage.func is not None:                             # the choice of the prior runs for real
+            ran.append((stage.name, None))
+            stage.func()
+            return None
         seed = stage.argv[stage.argv.index("--seed") + 1]
         ran.append((stage.name, seed))
+        if stage.name == "collect_dagger":
+            now["data_dagger"], now["data_prior_check"] = next(pairs)
         for out in stage.outputs:
             out.parent.mkdir(parents=True, exist_ok=True)
-            dagger = out.parent.name == "data_dagger"
-            out.write_text(json.dumps({"score_mean": next(scores)}) if dagger else seed)
+            mean = now.get(out.parent.name) if out.name == "summary.json" else None
+            out.write_text(json.dumps({"score_mean": mean}) if mean is not None else seed)
 
     monkeypatch.setattr(pipeline, "run_stage", fake_stage)
     # A clock that advances 30 s a reading: main reads it before and after each stage, so every stage takes 30 s.
@@ -235,7 +282,8 @@ def gated_run(workdir, monkeypatch, dagger_scores):
 
 def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tmp_path, monkeypatch):
     line, tries = PRESETS["small"]["pipeline"]["gate"]
-    ran, notes = gated_run(tmp_path, monkeypatch, [line - 300, line + 50])
+    # attempt 0 keeps round 0's prior (its retrained one drove worse), attempt 1 the retrained one
+    ran, notes = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350), (line - 10, line + 50)])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
     assert pipeline.ATTEMPT_STAGES == (*later, "drive_mpc")
     # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
@@ -243,13 +291,17 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     assert [s for s, _ in ran] == [*pipeline.STAGES[:-1], *later, "drive_mpc"] and ran[-1][1] == "0"
     first, second = dict(ran[:len(pipeline.STAGES) - 1]), dict(ran[len(pipeline.STAGES) - 1:-1])
     assert first["collect_race_data"] == first["train_encoder"] == "4"
-    assert all(int(second[s]) == int(first[s]) + 1000 for s in later)
+    assert all(int(second[s]) == int(first[s]) + 1000 for s in later if first[s] is not None)
+    assert first["check_prior"] == first["collect_dagger"]          # the check drives the DAgger round's tracks
     assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"
     assert (tmp_path / "attempt0" / "models" / "encoder_final.pth").read_text() == "4"
     assert (tmp_path / "attempt0" / "logs").is_dir() and (tmp_path / "data_race" / "summary.json").exists()
     attempts = json.loads((tmp_path / "attempts.json").read_text())
-    assert [(a["seed"], a["dagger_score"], a["where"]) for a in attempts] == [(4, line - 300, "attempt0"),
-                                                                            (1004, line + 50, ".")]
+    assert [(a["seed"], a["score"], a["prior"], a["where"]) for a in attempts] == [
+        (4, line - 300, "round0", "attempt0"), (1004, line + 50, "dagger", ".")]
+    assert (tmp_path / "attempt0" / "data_prior_check" / "summary.json").exists()
+    assert f"{line - 300:.1f} with round 0's prior (attempt0/)" in notes[-1]
+    assert f"{line + 50:.1f} with the retrained prior. Driving: attempt 1." in notes[-1]
     assert "Driving: attempt 1." in notes[-1]
     # each attempt's time is recorded and reported, so a gated run's whole cost shows, not only the kept one's:
     # its stages from the encoder to the DAgger prior, 30 s each
@@ -262,8 +314,8 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
 
 def test_when_no_attempt_passes_the_gate_the_best_one_drives(tmp_path, monkeypatch):
     line, tries = PRESETS["small"]["pipeline"]["gate"]
-    scores = [line - 300, line - 100, line - 200][:tries]
-    ran, notes = gated_run(tmp_path, monkeypatch, scores)
+    means = [(line - 300, line - 400), (line - 200, line - 100), (line - 200, line - 250)][:tries]
+    ran, notes = gated_run(tmp_path, monkeypatch, means)
     assert [s for s, _ in ran].count("train_encoder") == tries and ran[-1][0] == "drive_mpc"
     assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"     # attempt 1 is back in place
     assert (tmp_path / "data_dagger" / "summary.json").exists() and not (tmp_path / "attempt1").exists()
