@@ -42,16 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, PRIOR_CHECK_DIR,
-                     PRIOR_CHOICE, VISUALS_DIR, atomic_write, common_parser, preset)
+from gate import ATTEMPTS_FILE, attempt_notes, choose_prior, next_attempt
+from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS,
+                     ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
 
 HERE = Path(__file__).resolve().parent
-# Rounds of learning from the MPC's own drives: each collects drives with the latest predictor and judge,
-# then fine-tunes both on all data so far (README, "Learning from its own drives"). Measured on tuning
-# tracks 500-511 at `small`: one round lifted the mean score, a second one made the car stop and wait
-# (twice, with two recipes), so one round it is.
-ONPOLICY_ROUNDS = 1
 # In the seed's order, then the on-policy rounds; stages() builds them in this order.
 STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_encoder", "train_predictor",
           "visualise_dream", "train_prior", "train_cost_model",
@@ -60,9 +56,6 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
           "collect_dagger", "train_prior_dagger", "check_prior", "choose_prior", "drive_mpc")
 # What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last.
 ATTEMPT_STAGES = STAGES[STAGES.index("train_encoder"):]
-
-ATTEMPTS_FILE = "attempts.json"
-DREAM_GIF = "output_dream.gif"
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
 # 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
 ONPOLICY_LR = 2e-4
@@ -275,106 +268,6 @@ def run_stage(stage: Stage, w: Path, resume: bool, grace_s: float) -> str | None
         if watcher.poll() is None:             # overran, or the encoder failed or was interrupted: nothing to watch
             watcher.kill()
             watcher.wait()
-
-
-# ---------------------------------------------------------------- the prior that drives
-def last_round(w: Path) -> Path:
-    """The last on-policy round's models: the final drive's predictor, judge and prior."""
-    return w / MODELS_DIR / (f"{ONPOLICY_MODELS}{ONPOLICY_ROUNDS}" if ONPOLICY_ROUNDS else "")
-
-
-PRIORS = {"round0": "round 0's prior", "dagger": "the retrained prior"}
-
-
-def choose_prior(w: Path, last: Path) -> str:
-    """Keep the prior whose driver scored more on the DAgger round's tracks: round 0's (the DAgger drives
-    themselves) or the one retrained on them (the check drives); a tie keeps the retrained one. Copies it to
-    last/prior_final.pth and writes last/prior_choice.json {"round0", "dagger", "kept", "score", "source"}.
-
-    Why: the retrained prior moved the same run's car by -174 to +142 points a track (README, "Which prior
-    drives"), and its check drives fell as far below the DAgger drives where it cost points.
-    """
-    means = {"round0": read_json(w / DAGGER_DIR / "summary.json")["score_mean"],
-             "dagger": read_json(w / PRIOR_CHECK_DIR / "summary.json")["score_mean"]}
-    kept = "dagger" if means["dagger"] >= means["round0"] else "round0"
-    source = last / DAGGER_PRIOR / "prior_final.pth" if kept == "dagger" else w / MODELS_DIR / "prior_final.pth"
-    atomic_write(last / "prior_final.pth", lambda f: f.write(source.read_bytes()))
-    choice = {**means, "kept": kept, "score": means[kept], "source": source.relative_to(w).as_posix()}
-    atomic_write(last / PRIOR_CHOICE, lambda f: f.write(json.dumps(choice, indent=1).encode()))
-    return (f"DAgger round's tracks: round 0's prior {means['round0']:.1f}, retrained prior {means['dagger']:.1f}; "
-            f"kept {source.relative_to(w).as_posix()}")
-
-
-# ---------------------------------------------------------------- attempts
-# What one attempt trains and drives; the collected data and the logs' timings are shared by all attempts.
-ATTEMPT_PATHS = (MODELS_DIR, VISUALS_DIR, *(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR,
-                 PRIOR_CHECK_DIR, DREAM_GIF)
-
-
-def shelve(w: Path, k: int) -> str:
-    """Move attempt k's outputs (and a copy of its logs) to w/attempt{k}/; returns that folder's name."""
-    dest = w / f"attempt{k}"
-    dest.mkdir(exist_ok=True)
-    for name in ATTEMPT_PATHS:
-        if (w / name).exists():
-            shutil.move(w / name, dest / name)
-    shutil.copytree(w / "logs", dest / "logs", dirs_exist_ok=True)
-    return dest.name
-
-
-def unshelve(w: Path, folder: str) -> None:
-    """Put a shelved attempt's outputs and logs back in place (renames keep their times, so nothing reruns)."""
-    src = w / folder
-    for name in ATTEMPT_PATHS:
-        if (src / name).exists():
-            shutil.move(src / name, w / name)
-    shutil.copytree(src / "logs", w / "logs", dirs_exist_ok=True)
-    shutil.rmtree(src)
-
-
-def score(attempt: dict) -> float:
-    """An attempt's mean on the DAgger round's tracks; attempts.json of runs before the prior check: the DAgger
-    drives' mean."""
-    return attempt.get("score", attempt.get("dagger_score"))
-
-
-def next_attempt(w: Path, attempts: list[dict], k: int, seed: int, line: float, tries: int,
-                 seconds: float) -> bool:
-    """Record attempt k (its kept driver's mean on the DAgger round's tracks) and act on the gate: True when
-    another attempt must run.
-
-    attempts: [{"attempt", "seed", "score", "prior", "minutes", "where"}], where "." is the attempt in place,
-    prior the one kept ("dagger" or "round0") and minutes its stages' time from the encoder to the choice of
-    the prior (`seconds`). Under the line with tries left, attempt k is shelved; with none left, the best
-    attempt is put in place.
-    """
-    choice = read_json(last_round(w) / PRIOR_CHOICE)
-    rec = next((a for a in attempts if a["where"] == "."), None)
-    if rec is None:
-        rec = {"attempt": k, "seed": seed, "where": "."}
-        attempts.append(rec)
-    rec.update(score=choice["score"], prior=choice["kept"], minutes=round(seconds / 60, 1))
-    passed = score(rec) >= line
-    print(f"attempt {k} (seed {seed}): {score(rec):.1f} on the DAgger round's tracks, {'at or over' if passed else 'under'} "
-          f"the line {line:.0f}", flush=True)
-    if not passed and len(attempts) < tries:
-        rec["where"] = shelve(w, k)
-    elif not passed and (best := max(attempts, key=score)) is not rec:
-        rec["where"] = shelve(w, k)
-        unshelve(w, best["where"])
-        best["where"] = "."
-    atomic_write(w / ATTEMPTS_FILE, lambda f: f.write(json.dumps(attempts, indent=1).encode()))
-    return not passed and len(attempts) < tries
-
-
-def attempt_notes(attempts: list[dict], line: float) -> list[str]:
-    """One line for the report: every attempt's mean, prior and time, and which one drives."""
-    kept = next(a for a in attempts if a["where"] == ".")
-    each = "; ".join(f"attempt {a['attempt']} (seed {a['seed']}, {a.get('minutes', '-')} min) {score(a):.1f}"
-                     + (f" with {PRIORS[a['prior']]}" if "prior" in a else "")
-                     + ("" if a["where"] == "." else f" ({a['where']}/)") for a in attempts)
-    return [f"Mean on the DAgger round's tracks against the line {line:.0f}: {each}. "
-            f"Driving: attempt {kept['attempt']}."]
 
 
 # ---------------------------------------------------------------- main

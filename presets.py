@@ -26,6 +26,11 @@ DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
 # learns the states its planner really visits (DAgger-style aggregation, Ross et al. 2011). Optional:
 # only the predictor and the judge read them, through --onpolicy-dirs.
 ONPOLICY_DIR = "data_onpolicy"
+# Rounds of learning from the MPC's own drives: each collects drives with the latest predictor and judge,
+# then fine-tunes both on all data so far (pipeline.py; README, "Learning from its own drives"). Measured on tuning
+# tracks 500-511 at `small`: one round lifted the mean score, a second one made the car stop and wait
+# (twice, with two recipes), so one round it is.
+ONPOLICY_ROUNDS = 1
 # The finished driver's drives on training tracks, every step labelled with the expert's action: the prior
 # learns from them too (train_prior.py --onpolicy-dirs; pipeline.py's DAgger round).
 DAGGER_DIR = "data_dagger"
@@ -41,6 +46,7 @@ MODELS_DIR = "models"
 # Each on-policy round's predictor and judge: MODELS_DIR/onpolicy{r}/ (pipeline.py writes, drive_mpc.py reads).
 ONPOLICY_MODELS = "onpolicy"
 VISUALS_DIR = "visuals"
+DREAM_GIF = "output_dream.gif"             # visualise_dream.py's GIF in a pipeline work directory
 
 # Track seeds below this are reserved for evaluation (drive_mpc.py --seed S);
 # collectors never drive them, so every reported score is on unseen tracks.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+import gate
 import pipeline
 from data_loader import read_episode
 from presets import EVAL_SEED_LIMIT, PRESETS
@@ -166,7 +167,7 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
                  "output_dream.gif", "drive_scores.png", "(drive.mp4)"):
         assert link in report, link
     assert (w / "drive_scores.png").exists()
-    assert not (w / pipeline.ATTEMPTS_FILE).exists()            # tiny's drives are cut short: no gate on them
+    assert not (w / gate.ATTEMPTS_FILE).exists()            # tiny's drives are cut short: no gate on them
     # The on-policy rounds: the MPC's own drives, on training tracks only, and the models fine-tuned on them
     for r in range(1, pipeline.ONPOLICY_ROUNDS + 1):
         eps = sorted((w / f"data_onpolicy{r}").glob("*.npz"))
@@ -237,7 +238,7 @@ def test_the_prior_that_drove_the_dagger_tracks_better_is_kept(tmp_path):
         for d, mean in (("data_dagger", round0), ("data_prior_check", dagger)):
             (tmp_path / d).mkdir(exist_ok=True)
             (tmp_path / d / "summary.json").write_text(json.dumps({"score_mean": mean}))
-        line = pipeline.choose_prior(tmp_path, last)
+        line = gate.choose_prior(tmp_path, last)
         assert (last / "prior_final.pth").read_bytes() == kept
         choice = json.loads((last / "prior_choice.json").read_text())
         assert choice == {"round0": round0, "dagger": dagger, "kept": "round0" if kept == b"round 0" else "dagger",

@@ -1,13 +1,11 @@
 """The expert prior: what it learns from, how the planner dreams it, and what its energy term costs."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, write_sources, write_synthetic
+from conftest import write_sources, write_synthetic
 from data_loader import EpisodeData, LatentCache, read_episode, write_episode
 from planner import MPCPolicy
 from models import ExpertPrior, TinyEncoder, load_checkpoint, save_checkpoint
