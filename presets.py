@@ -26,9 +26,9 @@ DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
 # learns the states its planner really visits (DAgger-style aggregation, Ross et al. 2011). Optional:
 # only the predictor and the judge read them, through --onpolicy-dirs.
 ONPOLICY_DIR = "data_onpolicy"
-# Rounds of learning from the MPC's own drives: each collects drives with the latest predictor and judge,
-# then fine-tunes both on all data so far (pipeline.py; README, "Learning from its own drives"). Measured on tuning
-# tracks 500-511 at `small`: one round lifted the mean score, a second one made the car stop and wait
+# Rounds of learning from the MPC's own drives (pipeline.py): each collects drives with the latest predictor
+# and judge, then fine-tunes both on all data so far (README, "Learning from its own drives"). Measured on
+# tuning tracks 500-511 at `small`: one round lifted the mean score, a second one made the car stop and wait
 # (twice, with two recipes), so one round it is.
 ONPOLICY_ROUNDS = 1
 # The finished driver's drives on training tracks, every step labelled with the expert's action: the prior
