@@ -20,7 +20,8 @@ ATTEMPTS_FILE = "attempts.json"
 
 # ---------------------------------------------------------------- the prior that drives
 def last_round(w: Path) -> Path:
-    """The last on-policy round's models: the final drive's predictor, judge and prior."""
+    """The last on-policy round's models: the final drive's predictor, judge and prior (pipeline.stages and the
+    gate both read this folder from here)."""
     return w / MODELS_DIR / (f"{ONPOLICY_MODELS}{ONPOLICY_ROUNDS}" if ONPOLICY_ROUNDS else "")
 
 
@@ -43,7 +44,7 @@ def choose_prior(w: Path, last: Path) -> str:
     choice = {**means, "kept": kept, "score": means[kept], "source": source.relative_to(w).as_posix()}
     atomic_write(last / PRIOR_CHOICE, lambda f: f.write(json.dumps(choice, indent=1).encode()))
     return (f"DAgger round's tracks: round 0's prior {means['round0']:.1f}, retrained prior {means['dagger']:.1f}; "
-            f"kept {source.relative_to(w).as_posix()}")
+            f"kept {choice['source']}")
 
 
 # ---------------------------------------------------------------- attempts

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gate import ATTEMPTS_FILE, attempt_notes, choose_prior, next_attempt
+from gate import ATTEMPTS_FILE, attempt_notes, choose_prior, last_round, next_attempt
 from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS,
                      ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
@@ -167,7 +167,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     # tracks, each step labelled with what the expert would do there; the prior is retrained with them too
     # (into dagger/). The driver with that prior drives the same tracks (the same --seed) again, and the prior
     # that drove them better goes to the last round's folder, where drive_mpc.py looks for it first.
-    dag, check, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, pred_r.parent
+    dag, check, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, last_round(w)
     retrained, kept = last / DAGGER_PRIOR / "prior_final.pth", last / "prior_final.pth"
     tracks = ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless", *models(pred_r, cost_r),
               "--episodes", str(run["dagger"]), *cap]

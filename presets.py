@@ -70,7 +70,7 @@ EVAL_SEED_LIMIT = 1_000_000
 #   runs as their cars score where the encoder's probes did not (README, "A gate on the DAgger drives"): over
 #   twelve cars (runs and redrawn encoders), Spearman 0.81 against the score on tracks 0-9; the two runs at
 #   848.2 and 866.3 scored 841-900 over tracks 0-99, the ten under 800 270-723 on 0-9. The gate reads the mean
-#   of the driver that will drive, with the prior kept by pipeline.choose_prior, on those tracks. A run under
+#   of the driver that will drive, with the prior kept by gate.choose_prior, on those tracks. A run under
 #   the line trains again from the encoder with another seed (the data kept); after `attempts` tries the
 #   attempt with the best mean is kept. Tiny's drives are cut short and full's not measured.
 PRESETS: dict[str, dict] = {
