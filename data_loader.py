@@ -399,11 +399,12 @@ class LatentCache:
                             progress(len(rows))
             self.latents.append(np.memmap(path, np.float32, mode="r", shape=(cache.rows, dim)))
 
-    def windows(self, source: int, horizon: int, history: int = 1) -> np.ndarray:
-        """Rows t (the 'current' step) such that t-history .. t+horizon lie in one episode of this split."""
+    def windows(self, source: int, horizon: int, history: int = 1, first: int | None = None) -> np.ndarray:
+        """Rows t (the 'current' step) such that t-history .. t+horizon lie in one episode of this split;
+        with `first`, only each episode's first `first` such rows (the start of every drive)."""
         c, ids = self.data.caches[source], self.data.episode_ids[source]
-        parts = [np.arange(c.starts[i] + history, c.starts[i] + c.lengths[i] - horizon) for i in ids
-                 if c.lengths[i] > horizon + history]
+        end = lambda n: n - horizon if first is None else min(n - horizon, history + first)   # noqa: E731
+        parts = [c.starts[i] + np.arange(history, end(c.lengths[i])) for i in ids if c.lengths[i] > horizon + history]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def gather(self, source: int, rows: np.ndarray, horizon: int, history: int = 1) -> dict:

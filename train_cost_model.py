@@ -66,18 +66,21 @@ def transitions(cache, recovery_label: str, onpolicy_label: str = "negative") ->
 
 @torch.no_grad()
 def predicted_transitions(cache, predictor, per_source: int, recovery_label: str, device, seed: int,
-                          h: int = 15, onpolicy_label: str = "negative") -> dict:
+                          h: int = 15, onpolicy_label: str = "negative", first: int | None = None) -> dict:
     """Transitions between *predicted* latents (H-step rollouts under the actions really taken), labelled
     with what really happened at each step. The planner judges predictions, which blur with the horizon;
-    training on them too teaches the judge what a blurry dream of leaving the road looks like."""
+    training on them too teaches the judge what a blurry dream of leaving the road looks like.
+    per_source windows are drawn at random from each source; with `first`, every window that begins in
+    the first `first` control steps of an episode is taken instead (per_source is then ignored)."""
     rng = np.random.default_rng(seed)
     hist = predictor.config["history"]
     parts = []
     for s, name in enumerate(cache.data.names):
-        pool = cache.windows(s, h, hist)
+        pool = cache.windows(s, h, hist, first)
         if not len(pool):
             continue
-        w = cache.gather(s, np.sort(rng.choice(pool, min(per_source, len(pool)), replace=False)), h, hist)
+        rows = pool if first else np.sort(rng.choice(pool, min(per_source, len(pool)), replace=False))
+        w = cache.gather(s, rows, h, hist)
         z = torch.from_numpy(w["z"]).to(device)                                 # [N,hist+1+H,D]
         pred = predictor.rollout(z[:, :hist + 1], torch.from_numpy(w["action"]).to(device)).cpu()   # [N,H,D]
         prev = torch.cat([z[:, hist:hist + 1].cpu(), pred[:, :-1]], 1)
@@ -128,17 +131,28 @@ def main(args):
     train_cache, val_cache, enc = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     rec, own = args.recovery_label, args.onpolicy_label
     train, val = transitions(train_cache, rec, own), transitions(val_cache, rec, own)
-    extra = {}
-    if args.on_predictions:
+    extra, val_dreamt, val_starts, n_starts = {}, None, None, 0
+    if args.on_predictions or args.start_dreams:
         pred_ckpt = load_checkpoint(args.predictor, "predictor", device, stage="train_predictor.py")
         if pred_ckpt.get("encoder_hash") != train_cache.key:
             raise SystemExit(f"{args.predictor} was trained on another encoder: run train_predictor.py again")
         predictor = build(pred_ckpt, device).eval()
         h = pred_ckpt.get("horizon", 15)
-        dreamt = predicted_transitions(train_cache, predictor, args.on_predictions, rec, device, args.seed, h, own)
-        val_dreamt = predicted_transitions(val_cache, predictor, args.on_predictions, rec, device, args.seed + 1, h,
-                                           own)
-        train = {k: torch.cat([train[k], dreamt[k]]) for k in train}
+        dream = lambda cache, n, seed, first=None: predicted_transitions(   # noqa: E731
+            cache, predictor, n, rec, device, seed, h, own, first)
+        parts = [train]
+        if args.on_predictions:
+            parts.append(dream(train_cache, args.on_predictions, args.seed))
+            val_dreamt = dream(val_cache, args.on_predictions, args.seed + 1)
+        if args.start_dreams:
+            # Every drive's first seconds, repeated: few of the random windows fall there, and a judge that
+            # reads the dream of a standing start as cheaper than the expert's own start keeps the car on
+            # the line (README, "Session 25").
+            starts = dream(train_cache, 0, args.seed, args.start_dreams)
+            parts += [starts] * args.start_weight
+            n_starts = len(starts["z0"])
+            val_starts = dream(val_cache, 0, args.seed + 1, args.start_dreams)
+        train = {k: torch.cat([p[k] for p in parts]) for k in train}
         extra = {"predictor_hash": file_hash(args.predictor)}
     model = CostModel(enc["config"]["latent"], args.hidden).to(device)
     model.set_normalisation(train["z0"].mean(0).to(device), train["z0"].std(0).to(device))
@@ -160,12 +174,12 @@ def main(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    val = {k: v.to(device) for k, v in val.items()}
-    stats = {"val": evaluate(model, val), "train": evaluate(model, {k: v.to(device) for k, v in train.items()}),
-             "val_on_predictions": evaluate(model, {k: v.to(device) for k, v in val_dreamt.items()})
-             if args.on_predictions else None,
+    on = lambda t: t and evaluate(model, {k: v.to(device) for k, v in t.items()})    # noqa: E731
+    stats = {"val": on(val), "train": on(train), "val_on_predictions": on(val_dreamt),
+             "val_on_starts": on(val_starts),
              "recovery_label": args.recovery_label, "onpolicy_label": args.onpolicy_label,
-             "train_transitions": n, "val_transitions": len(val["z0"])}
+             "start_dreams": args.start_dreams, "start_weight": args.start_weight,
+             "train_transitions": n, "start_transitions": n_starts, "val_transitions": len(val["z0"])}
     print(json.dumps({k: v for k, v in stats["val"].items() if k != "expert_calibration"}
                      | {"ece": stats["val"]["expert_calibration"]["ece"]}))
     atomic_write(out / "cost_model_stats.json", lambda f: f.write(json.dumps(stats, indent=1).encode()))
@@ -181,6 +195,10 @@ def parser():
                    help="its rollouts add judged dreams to the training data (see --on-predictions)")
     p.add_argument("--on-predictions", type=int, default=2000,
                    help="15-step rollouts per source to train on beside true transitions (0: true only)")
+    p.add_argument("--start-dreams", type=int, default=0,
+                   help="also train on every rollout that begins in an episode's first N control steps (0: none)")
+    p.add_argument("--start-weight", type=int, default=4,
+                   help="how many times each --start-dreams rollout is repeated in the training data")
     add_data_args(p)
     p.add_argument("--recovery-label", default="exclude", choices=["exclude", "on_road"],
                    help="recovery frames (and the MPC's drives with --onpolicy-label exclude): left out of "

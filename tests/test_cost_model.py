@@ -43,6 +43,14 @@ def test_dreamt_transitions_line_up_with_what_really_happened(tmp_path):
     assert set(t["expert"][t["source"] == 0].tolist()) == {1.0} and not t["use_expert"][t["source"] == 1].any()
     own = t["source"] == 3
     assert t["use_expert"][own].all() and set(t["expert"][own].tolist()) == {0.0}
+    # start dreams: every window that begins in an episode's first 2 steps (3 episodes per source here)
+    # latent [B,4] = (t, 0, 0, 0)
+    step = lambda f: np.pad(f[:, 0, 1:2, 0], ((0, 0), (0, 3))).astype(np.float32)   # noqa: E731
+    cache = LatentCache(EpisodeData(dirs, "all"), "t", 4, step)
+    s = predicted_transitions(cache, Predictor(4, 8, 1, 1), per_source=0, recovery_label="exclude", device="cpu",
+                              seed=0, h=6, onpolicy_label="negative", first=2)
+    assert len(s["z0"]) == 4 * 3 * 2 * 6                               # sources x episodes x windows x steps
+    np.testing.assert_array_equal(s["z0"][::6, 0], np.tile([1, 2], 4 * 3))   # each dream starts at t = 1 or 2
     true = train_cost_model.transitions(cache, "exclude", "negative")
     own = true["source"] == 3
     assert own.any() and true["use_expert"][own].all() and set(true["expert"][own].tolist()) == {0.0}
@@ -56,14 +64,18 @@ def test_train_cost_model_end_to_end_records_what_it_learned_from(tmp_path):
     save_checkpoint(pred, "predictor", Predictor(16, 16, 1, 1), encoder_hash=file_hash(enc), horizon=5)
     args = train_cost_model.parser().parse_args(
         ["--preset", "tiny", "--device", "cpu", "--encoder", str(enc), "--predictor", str(pred), "--out-dir",
-         str(tmp_path), "--val-frac", "0.34", "--on-predictions", "10",
+         str(tmp_path), "--val-frac", "0.34", "--on-predictions", "10", "--start-dreams", "3", "--start-weight", "2",
          *[x for s, d in dirs.items() for x in (f"--{s}-dir", d)]])
     train_cost_model.main(args)
     ckpt = load_checkpoint(tmp_path / "cost_model_final.pth", "cost")
     assert ckpt["encoder_hash"] == file_hash(enc) and ckpt["predictor_hash"] == file_hash(pred)
     stats = json.loads((tmp_path / "cost_model_stats.json").read_text())
     assert {"expert_auc", "road_accuracy", "progress_r2", "expert_calibration"} <= set(stats["val"])
-    assert stats["val_on_predictions"] is not None
+    assert stats["val_on_predictions"] is not None and stats["val_on_starts"] is not None
+    # 2 of 3 episodes per source train: 3 sources x 2 x 3 start windows x 5 steps, counted once, trained on twice
+    true, dreamt = 3 * 2 * 29, 3 * min(10, 2 * (30 - 5 - 1)) * 5
+    assert stats["start_transitions"] == 3 * 2 * 3 * 5
+    assert stats["train_transitions"] == true + dreamt + 2 * stats["start_transitions"]
 
 
 def test_onpolicy_sources_are_named_in_order_and_labelled_as_asked():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, synthetic_episode, write_synthetic
-from data_loader import (COLUMNS, EPISODE_VERSION, BalancedBatches, EpisodeData, EpisodeError, SourceCache,
-                         batch_counts, is_validation, read_episode, write_episode)
+from data_loader import (COLUMNS, EPISODE_VERSION, BalancedBatches, EpisodeData, EpisodeError, LatentCache,
+                         SourceCache, batch_counts, is_validation, read_episode, write_episode)
 from presets import atomic_write
 
 
@@ -185,6 +185,19 @@ def test_windows_never_cross_episodes_and_are_consecutive(three_sources):
         np.testing.assert_array_equal(batch["speed"], t)                   # columns line up with frames
     # 30-row episodes give exactly 30 - 15 windows each
     assert len(data.window_starts(0, h)) == 2 * 15
+
+
+def test_start_windows_are_the_first_rows_of_every_episode(three_sources):
+    """windows(first=N) keeps each episode's first N windows: the drives' starts, whatever the source's size."""
+    data = EpisodeData(three_sources, "all")
+    # latent = (tag, t): which episode a row belongs to and where in it
+    cache = LatentCache(data, "k", 2, lambda f: np.stack([f[:, 0, 0, 0], f[:, 0, 1, 0]], 1).astype(np.float32))
+    for s, episodes in enumerate([2, 6, 12]):
+        z = cache.latents[s][cache.windows(s, horizon=15, history=1, first=4)]
+        assert len(z) == episodes * 4 and len(np.unique(z[:, 0])) == episodes
+        np.testing.assert_array_equal(z[:, 1], np.tile([1, 2, 3, 4], episodes))   # t = history .. history+3
+        # a start longer than the episode's windows is all of them
+        np.testing.assert_array_equal(cache.windows(s, 15, 1, first=100), cache.windows(s, 15, 1))
 
 
 def test_epoch_is_reproducible_and_rank_dependent(three_sources):
