@@ -409,12 +409,15 @@ class LatentCache:
 
     def gather(self, source: int, rows: np.ndarray, horizon: int, history: int = 1) -> dict:
         """For current rows [B]: latents [B,history+1+horizon,D] (t-history .. t+horizon), actions [B,horizon,3]
-        (held after t .. t+horizon-1), and every other column over t .. t+horizon."""
+        (held after t .. t+horizon-1), and every other column over t .. t+horizon, with `step`: t's index in its
+        episode (0 at the episode's first row)."""
         idx = rows[:, None] + np.arange(-history, horizon + 1)[None, :]
         cols = self.data.caches[source].columns
         fut = idx[:, history:]
         out = {name: np.asarray(cols[name][fut]) for name in COLUMNS if name != "action"}
         out.update(z=np.asarray(self.latents[source][idx]), action=np.asarray(cols["action"][fut[:, :-1]]))
+        starts = self.data.caches[source].starts
+        out["step"] = fut - starts[np.searchsorted(starts, rows, side="right") - 1][:, None]   # [B,horizon+1]
         return out
 
 

@@ -36,27 +36,32 @@ def mixed(name: str) -> bool:
     return name == "recovery" or name.startswith("onpolicy")
 
 
-def expert_labels(name: str, road: np.ndarray, recovery_label: str, onpolicy_label: str):
-    """(expert label, use in the expert head) for transitions of one source; road: on-road truth, any shape.
+def expert_labels(name: str, road: np.ndarray, recovery_label: str, onpolicy_label: str, step: np.ndarray,
+                  onpolicy_from: int = 0):
+    """(expert label, use in the expert head) for transitions of one source; road: on-road truth, any shape;
+    step: each transition's arrival step in its episode (as road).
 
     race is expert and random is not. Recovery and on-policy drives are left out of the expert head, or
     expert exactly when on the road; with onpolicy_label "negative" the MPC's own drives are not expert,
     as in adversarial imitation (Ho & Ermon 2016): the judge learns what tells its own driving from the
-    expert's, and the planner is pushed away from it."""
+    expert's, and the planner is pushed away from it. Steps before onpolicy_from are left out of it: there the
+    MPC starts from standstill as the expert does, and calling that not expert teaches the judge that the
+    expert's own start is wrong."""
     if name.startswith("onpolicy") and onpolicy_label == "negative":
-        return np.zeros(road.shape, np.float32), np.ones(road.shape, bool)
+        return np.zeros(road.shape, np.float32), step >= onpolicy_from
     if mixed(name) and recovery_label == "on_road":
         return road.astype(np.float32), np.ones(road.shape, bool)
     return np.full(road.shape, 1.0 if name == "race" else 0.0, np.float32), np.full(road.shape, not mixed(name))
 
 
-def transitions(cache, recovery_label: str, onpolicy_label: str = "negative") -> dict:
+def transitions(cache, recovery_label: str, onpolicy_label: str = "negative", onpolicy_from: int = 0) -> dict:
     """All (z_t, z_{t+1}) pairs of a LatentCache split with their labels, as tensors."""
     parts = []
     for s, name in enumerate(cache.data.names):
         rows = cache.windows(s, horizon=1, history=0)
         w = cache.gather(s, rows, horizon=1, history=0)               # z [N,2,D], columns [N,2]
-        expert, use = expert_labels(name, w["on_road"][:, 1], recovery_label, onpolicy_label)
+        expert, use = expert_labels(name, w["on_road"][:, 1], recovery_label, onpolicy_label, w["step"][:, 1],
+                                    onpolicy_from)
         parts.append({"z0": w["z"][:, 0], "z1": w["z"][:, 1], "expert": expert, "use_expert": use,
                       "road": w["on_road"][:, 1].astype(np.float32),
                       "progress": np.clip(w["tiles"][:, 1] - w["tiles"][:, 0], 0, 10).astype(np.float32),
@@ -66,7 +71,8 @@ def transitions(cache, recovery_label: str, onpolicy_label: str = "negative") ->
 
 @torch.no_grad()
 def predicted_transitions(cache, predictor, per_source: int, recovery_label: str, device, seed: int,
-                          h: int = 15, onpolicy_label: str = "negative", first: int | None = None) -> dict:
+                          h: int = 15, onpolicy_label: str = "negative", first: int | None = None,
+                          onpolicy_from: int = 0) -> dict:
     """Transitions between *predicted* latents (H-step rollouts under the actions really taken), labelled
     with what really happened at each step. The planner judges predictions, which blur with the horizon;
     training on them too teaches the judge what a blurry dream of leaving the road looks like.
@@ -85,7 +91,7 @@ def predicted_transitions(cache, predictor, per_source: int, recovery_label: str
         pred = predictor.rollout(z[:, :hist + 1], torch.from_numpy(w["action"]).to(device)).cpu()   # [N,H,D]
         prev = torch.cat([z[:, hist:hist + 1].cpu(), pred[:, :-1]], 1)
         road = w["on_road"][:, 1:].astype(np.float32)                           # [N,H] truth at t+1..t+H
-        expert, use = expert_labels(name, road, recovery_label, onpolicy_label)
+        expert, use = expert_labels(name, road, recovery_label, onpolicy_label, w["step"][:, 1:], onpolicy_from)
         parts.append({"z0": prev.flatten(0, 1).numpy(), "z1": pred.flatten(0, 1).numpy(),
                       "expert": expert.ravel(), "use_expert": use.ravel(), "road": road.ravel(),
                       "progress": np.clip(np.diff(w["tiles"], axis=1), 0, 10).astype(np.float32).ravel(),
@@ -130,7 +136,7 @@ def main(args):
     dirs = data_dirs(args)
     train_cache, val_cache, enc = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     rec, own = args.recovery_label, args.onpolicy_label
-    train, val = transitions(train_cache, rec, own), transitions(val_cache, rec, own)
+    train, val = (transitions(c, rec, own, args.onpolicy_from) for c in (train_cache, val_cache))
     extra, val_dreamt, val_starts, n_starts = {}, None, None, 0
     if args.on_predictions or args.start_dreams:
         pred_ckpt = load_checkpoint(args.predictor, "predictor", device, stage="train_predictor.py")
@@ -139,7 +145,7 @@ def main(args):
         predictor = build(pred_ckpt, device).eval()
         h = pred_ckpt.get("horizon", 15)
         dream = lambda cache, n, seed, first=None: predicted_transitions(   # noqa: E731
-            cache, predictor, n, rec, device, seed, h, own, first)
+            cache, predictor, n, rec, device, seed, h, own, first, args.onpolicy_from)
         parts = [train]
         if args.on_predictions:
             parts.append(dream(train_cache, args.on_predictions, args.seed))
@@ -207,6 +213,9 @@ def parser():
     p.add_argument("--onpolicy-label", default="negative", choices=["exclude", "negative"],
                    help="the MPC's own drives (--onpolicy-dirs): not expert (the judge learns what tells the "
                         "planner's driving from the expert's), or labelled as --recovery-label says")
+    p.add_argument("--onpolicy-from", type=int, default=0,
+                   help="with --onpolicy-label negative: the MPC's drives enter the expert head from this "
+                        "control step of each episode on (their start looks like the expert's)")
     add_head_args(p)
     return p
 

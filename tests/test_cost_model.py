@@ -85,15 +85,17 @@ def test_onpolicy_sources_are_named_in_order_and_labelled_as_asked():
     assert dirs == {"race": "r", "recovery": "c", "random": "d", "onpolicy1": "x", "onpolicy2": "y"}
     assert train_cost_model.mixed("onpolicy2") and train_cost_model.mixed("recovery")
     assert not train_cost_model.mixed("random") and not train_cost_model.mixed("race")
-    road = np.array([True, False, True])
-    def labels(name, rec, own):
-        return [a.tolist() for a in train_cost_model.expert_labels(name, road, rec, own)]
+    road, step = np.array([True, False, True]), np.array([0, 1, 2])
+    def labels(name, rec, own, start=0):
+        return [a.tolist() for a in train_cost_model.expert_labels(name, road, rec, own, step, start)]
     assert labels("race", "exclude", "negative") == [[1, 1, 1], [True] * 3]
     assert labels("random", "on_road", "negative") == [[0, 0, 0], [True] * 3]
     assert labels("recovery", "exclude", "negative") == [[0, 0, 0], [False] * 3]        # left out
     assert labels("recovery", "on_road", "negative") == [[1, 0, 1], [True] * 3]
     # The planner's own drives: not expert (adversarial imitation), or treated like recovery.
     assert labels("onpolicy1", "exclude", "negative") == [[0, 0, 0], [True] * 3]
+    assert labels("onpolicy1", "exclude", "negative", start=2) == [[0, 0, 0], [False, False, True]]   # its start
+    assert labels("race", "exclude", "negative", start=2) == [[1, 1, 1], [True] * 3]           # only its own drives
     assert labels("onpolicy2", "on_road", "negative") == [[0, 0, 0], [True] * 3]
     assert labels("onpolicy1", "exclude", "exclude") == [[0, 0, 0], [False] * 3]
     assert labels("onpolicy1", "on_road", "exclude") == [[1, 0, 1], [True] * 3]
