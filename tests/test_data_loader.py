@@ -187,7 +187,7 @@ def test_windows_never_cross_episodes_and_are_consecutive(three_sources):
     assert len(data.window_starts(0, h)) == 2 * 15
 
 
-def test_start_windows_are_the_first_rows_of_every_episode(three_sources):
+def test_start_windows_and_steps_count_from_each_episodes_first_row(three_sources):
     """windows(first=N) keeps each episode's first N windows: the drives' starts, whatever the source's size."""
     data = EpisodeData(three_sources, "all")
     # latent = (tag, t): which episode a row belongs to and where in it
@@ -196,6 +196,9 @@ def test_start_windows_are_the_first_rows_of_every_episode(three_sources):
         z = cache.latents[s][cache.windows(s, horizon=15, history=1, first=4)]
         assert len(z) == episodes * 4 and len(np.unique(z[:, 0])) == episodes
         np.testing.assert_array_equal(z[:, 1], np.tile([1, 2, 3, 4], episodes))   # t = history .. history+3
+        rows = cache.windows(s, horizon=15, history=1)
+        steps = cache.gather(s, rows, horizon=15, history=1)["step"]            # [N,16]: t .. t+15 in its episode
+        np.testing.assert_array_equal(steps, cache.latents[s][rows][:, 1:2] + np.arange(16))
         # a start longer than the episode's windows is all of them
         np.testing.assert_array_equal(cache.windows(s, 15, 1, first=100), cache.windows(s, 15, 1))
 
