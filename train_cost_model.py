@@ -153,7 +153,8 @@ def main(args):
         if args.start_dreams:
             # Every drive's first seconds, repeated: few of the random windows fall there, and a judge that
             # reads the dream of a standing start as cheaper than the expert's own start keeps the car on
-            # the line (README, "Session 25").
+            # the line. Off by default: on one car it got it moving, on another it made it stand (README,
+            # "Session 26").
             starts = dream(train_cache, 0, args.seed, args.start_dreams)
             parts += [starts] * args.start_weight
             n_starts = len(starts["z0"])
@@ -202,7 +203,8 @@ def parser():
     p.add_argument("--on-predictions", type=int, default=2000,
                    help="15-step rollouts per source to train on beside true transitions (0: true only)")
     p.add_argument("--start-dreams", type=int, default=0,
-                   help="also train on every rollout that begins in an episode's first N control steps (0: none)")
+                   help="also train on every rollout that begins in an episode's first N control steps (0: none, "
+                        "by measurement, README \"Session 26\")")
     p.add_argument("--start-weight", type=int, default=4,
                    help="how many times each --start-dreams rollout is repeated in the training data")
     add_data_args(p)
@@ -215,7 +217,8 @@ def parser():
                         "planner's driving from the expert's), or labelled as --recovery-label says")
     p.add_argument("--onpolicy-from", type=int, default=0,
                    help="with --onpolicy-label negative: the MPC's drives enter the expert head from this "
-                        "control step of each episode on (their start looks like the expert's)")
+                        "control step of each episode on (their start looks like the expert's; 0: all steps, "
+                        "by measurement, README \"Session 26\")")
     add_head_args(p)
     return p
 
