@@ -400,24 +400,30 @@ class LatentCache:
             self.latents.append(np.memmap(path, np.float32, mode="r", shape=(cache.rows, dim)))
 
     def windows(self, source: int, horizon: int, history: int = 1, first: int | None = None) -> np.ndarray:
-        """Rows t (the 'current' step) such that t-history .. t+horizon lie in one episode of this split;
-        with `first`, only each episode's first `first` such rows (the start of every drive)."""
+        """Rows t (the 'current' step) such that t .. t+horizon lie in one episode of this split, from each
+        episode's first row on (gather pads the history there); with `first`, only each episode's first
+        `first` such rows (the start of every drive)."""
         c, ids = self.data.caches[source], self.data.episode_ids[source]
-        end = lambda n: n - horizon if first is None else min(n - horizon, history + first)   # noqa: E731
-        parts = [c.starts[i] + np.arange(history, end(c.lengths[i])) for i in ids if c.lengths[i] > horizon + history]
+        end = lambda n: n - horizon if first is None else min(n - horizon, first)   # noqa: E731
+        parts = [c.starts[i] + np.arange(end(c.lengths[i])) for i in ids if c.lengths[i] > horizon]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def gather(self, source: int, rows: np.ndarray, horizon: int, history: int = 1) -> dict:
         """For current rows [B]: latents [B,history+1+horizon,D] (t-history .. t+horizon), actions [B,horizon,3]
         (held after t .. t+horizon-1), and every other column over t .. t+horizon, with `step`: t's index in its
-        episode (0 at the episode's first row)."""
-        idx = rows[:, None] + np.arange(-history, horizon + 1)[None, :]
+        episode (0 at the episode's first row).
+
+        History before an episode's first row repeats that row's latent, as the planner's does at a drive's
+        first decision (MPCPolicy.observe): the car stands still there, and a model that never saw the
+        padded history dreamt the start as nothing it had learned (README, "Session 27")."""
+        starts = self.data.caches[source].starts
+        first_row = starts[np.searchsorted(starts, rows, side="right") - 1][:, None]       # [B,1]
+        idx = np.maximum(rows[:, None] + np.arange(-history, horizon + 1)[None, :], first_row)
         cols = self.data.caches[source].columns
         fut = idx[:, history:]
         out = {name: np.asarray(cols[name][fut]) for name in COLUMNS if name != "action"}
         out.update(z=np.asarray(self.latents[source][idx]), action=np.asarray(cols["action"][fut[:, :-1]]))
-        starts = self.data.caches[source].starts
-        out["step"] = fut - starts[np.searchsorted(starts, rows, side="right") - 1][:, None]   # [B,horizon+1]
+        out["step"] = fut - first_row                                                    # [B,horizon+1]
         return out
 
 

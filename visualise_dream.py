@@ -46,11 +46,12 @@ BACKGROUND, TEXT = (30, 30, 30), (235, 235, 235)
 
 
 def pick_starts(val: LatentCache, n: int, horizon: int, history: int, seed: int) -> list[tuple[int, int]]:
-    """n (source, row t) pairs with rows t-history .. t+horizon in one held-out episode; sources in turn."""
+    """n (source, row t) pairs with rows t .. t+horizon in one held-out episode (the history before an
+    episode's first row repeats it, LatentCache.gather); sources in turn."""
     rng = np.random.default_rng(seed)
     pools = {s: p for s in range(len(val.data.names)) if len(p := val.windows(s, horizon, history))}
     if not pools:
-        raise SystemExit(f"no held-out episode has {horizon + history + 1} control steps: lower --horizon")
+        raise SystemExit(f"no held-out episode has {horizon + 1} control steps: lower --horizon")
     turn = [list(pools)[i % len(pools)] for i in range(n)]
     picked = []
     for s in pools:

@@ -50,7 +50,7 @@ def test_dreamt_transitions_line_up_with_what_really_happened(tmp_path):
     s = predicted_transitions(cache, Predictor(4, 8, 1, 1), per_source=0, recovery_label="exclude", device="cpu",
                               seed=0, h=6, onpolicy_label="negative", first=2)
     assert len(s["z0"]) == 4 * 3 * 2 * 6                               # sources x episodes x windows x steps
-    np.testing.assert_array_equal(s["z0"][::6, 0], np.tile([1, 2], 4 * 3))   # each dream starts at t = 1 or 2
+    np.testing.assert_array_equal(s["z0"][::6, 0], np.tile([0, 1], 4 * 3))   # each dream starts at t = 0 or 1
     true = train_cost_model.transitions(cache, "exclude", "negative")
     own = true["source"] == 3
     assert own.any() and true["use_expert"][own].all() and set(true["expert"][own].tolist()) == {0.0}

@@ -44,11 +44,14 @@ def test_windows_stay_inside_episodes(sources):
     cache = LatentCache(data, "tag", 4, tag_encode)
     for s in range(3):
         rows = cache.windows(s, horizon=15, history=1)
-        assert len(rows) == 3 * (25 - 16)
+        assert len(rows) == 3 * (25 - 15)                                        # t = 0 .. 9 of each episode
         w = cache.gather(s, rows, horizon=15, history=1)
         assert w["z"].shape == (len(rows), 17, 4) and w["action"].shape == (len(rows), 15, 3)
         assert np.all(w["z"][:, :, 0] == w["z"][:, :1, 0])                       # one episode
-        assert np.all(np.diff(w["z"][:, :, 1], axis=1) == 1)                     # consecutive steps
+        assert np.all(np.diff(w["z"][:, 1:, 1], axis=1) == 1)                    # consecutive steps from t on
+        start = w["step"][:, 0] == 0
+        assert start.sum() == 3 and np.all(w["z"][start, 0] == w["z"][start, 1])  # the first row stands in before
+        assert np.all(np.diff(w["z"][~start, :2, 1], axis=1) == 1)
         np.testing.assert_array_equal(w["speed"], w["z"][:, 1:, 1])              # columns from t on
 
 

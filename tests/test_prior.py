@@ -92,8 +92,8 @@ def test_expert_steps_are_race_and_recovery_outside_mistakes(tmp_path):
     t = expert_steps(cache)
     tags = t["z_now"][:, 0].numpy()                                     # pixel (0,0): the episode's tag
     assert set(np.unique(tags)) == {0, 1, 60, 61}                       # race 0-1 and recovery 60-61, not random
-    # rows 1..18 of each episode (t-1 and t+1 in it), minus the 5 mistakes
-    assert len(tags) == 4 * 18 - 5
+    # rows 0..18 of each episode (t+1 in it; row 0 stands in for t-1 at the start), minus the 5 mistakes
+    assert len(tags) == 4 * 19 - 5
     assert torch.equal(t["z_prev"][:, 0], t["z_now"][:, 0])             # the same episode on both sides
     mine = t["target"][torch.from_numpy(tags == 60)]
     assert torch.allclose(mine, torch.tensor([0.25, 0.25]))             # (steer, gas - brake)
@@ -114,7 +114,7 @@ def test_the_mpc_drives_teach_the_prior_with_the_experts_labels(tmp_path):
     tags = t["z_now"][:, 0].numpy()
     assert set(np.unique(tags)) == {0, 60, 200}                         # race, recovery, the labelled drive
     mine = t["target"][torch.from_numpy(tags == 200)]
-    assert len(mine) == 18 and torch.allclose(mine, torch.tensor([0.5, 0.25]))   # the label, not the action
+    assert len(mine) == 19 and torch.allclose(mine, torch.tensor([0.5, 0.25]))   # the label, not the action
 
 
 def test_train_prior_end_to_end_writes_a_checkpoint_the_driver_can_check(tmp_path):
