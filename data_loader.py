@@ -399,7 +399,7 @@ class LatentCache:
                             progress(len(rows))
             self.latents.append(np.memmap(path, np.float32, mode="r", shape=(cache.rows, dim)))
 
-    def windows(self, source: int, horizon: int, history: int = 1, first: int | None = None) -> np.ndarray:
+    def windows(self, source: int, horizon: int, first: int | None = None) -> np.ndarray:
         """Rows t (the 'current' step) such that t .. t+horizon lie in one episode of this split, from each
         episode's first row on (gather pads the history there); with `first`, only each episode's first
         `first` such rows (the start of every drive)."""
@@ -413,7 +413,7 @@ class LatentCache:
         (held after t .. t+horizon-1), and every other column over t .. t+horizon, with `step`: t's index in its
         episode (0 at the episode's first row).
 
-        History before an episode's first row repeats that row's latent, as the planner's does at a drive's
+        History before an episode's first row repeats that row's latent, as the planner's history does at a drive's
         first decision (MPCPolicy.observe): the car stands still there, and a model that never saw the
         padded history dreamt the start as nothing it had learned (README, "Session 27")."""
         starts = self.data.caches[source].starts

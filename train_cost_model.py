@@ -58,7 +58,7 @@ def transitions(cache, recovery_label: str, onpolicy_label: str = "negative", on
     """All (z_t, z_{t+1}) pairs of a LatentCache split with their labels, as tensors."""
     parts = []
     for s, name in enumerate(cache.data.names):
-        rows = cache.windows(s, horizon=1, history=0)
+        rows = cache.windows(s, horizon=1)
         w = cache.gather(s, rows, horizon=1, history=0)               # z [N,2,D], columns [N,2]
         expert, use = expert_labels(name, w["on_road"][:, 1], recovery_label, onpolicy_label, w["step"][:, 1],
                                     onpolicy_from)
@@ -82,7 +82,7 @@ def predicted_transitions(cache, predictor, per_source: int, recovery_label: str
     hist = predictor.config["history"]
     parts = []
     for s, name in enumerate(cache.data.names):
-        pool = cache.windows(s, h, hist, first)
+        pool = cache.windows(s, h, first)
         if not len(pool):
             continue
         rows = pool if first else np.sort(rng.choice(pool, min(per_source, len(pool)), replace=False))

@@ -85,7 +85,7 @@ def evaluate(model: Predictor, cache: LatentCache, horizon: int, history: int, d
     model.eval()
     out = {}
     for s, name in enumerate(cache.data.names):
-        pool = cache.windows(s, horizon, history)
+        pool = cache.windows(s, horizon)
         if not len(pool):
             continue
         w = cache.gather(s, np.sort(rng.choice(pool, min(n, len(pool)), replace=False)), horizon, history)
@@ -143,7 +143,7 @@ def probe_through_prediction(model: Predictor, train: LatentCache, val: LatentCa
     def windows(cache):
         parts = []
         for s in range(len(cache.data.names)):
-            pool = cache.windows(s, horizon, history)
+            pool = cache.windows(s, horizon)
             parts.append(cache.gather(s, np.sort(rng.choice(pool, min(n // 3, len(pool)), replace=False)),
                                       horizon, history))
             parts[-1]["source"] = np.full(len(parts[-1]["z"]), s)
@@ -183,7 +183,7 @@ def main(args):
     train, val, enc_ckpt = latent_caches(args.encoder, dirs, args.val_frac, args.seed, device)
     encode_s = time.perf_counter() - t0
     h, hist = args.horizon, args.history
-    pools = [train.windows(s, h, hist) for s in range(len(train.data.names))]
+    pools = [train.windows(s, h) for s in range(len(train.data.names))]
     for name, pool in zip(train.data.names, pools):
         if not len(pool):
             raise SystemExit(f"source {name!r} has no episode longer than {h + hist + 1} control steps")

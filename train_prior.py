@@ -42,7 +42,7 @@ def expert_steps(cache) -> dict:
     parts = []
     for s, name in enumerate(cache.data.names):
         own = name in EXPERT_SOURCES
-        rows = cache.windows(s, horizon=1, history=1) if own or name.startswith("onpolicy") else []
+        rows = cache.windows(s, horizon=1) if own or name.startswith("onpolicy") else []
         if not len(rows):
             continue
         w = cache.gather(s, rows, horizon=1, history=1)     # z [N,3,D] (t-1, t, t+1), action [N,1,3], mistake [N,2]

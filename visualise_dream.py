@@ -45,11 +45,11 @@ FRAME_MS = 250                  # per GIF frame; the last one is held 4x so the 
 BACKGROUND, TEXT = (30, 30, 30), (235, 235, 235)
 
 
-def pick_starts(val: LatentCache, n: int, horizon: int, history: int, seed: int) -> list[tuple[int, int]]:
+def pick_starts(val: LatentCache, n: int, horizon: int, seed: int) -> list[tuple[int, int]]:
     """n (source, row t) pairs with rows t .. t+horizon in one held-out episode (the history before an
     episode's first row repeats it, LatentCache.gather); sources in turn."""
     rng = np.random.default_rng(seed)
-    pools = {s: p for s in range(len(val.data.names)) if len(p := val.windows(s, horizon, history))}
+    pools = {s: p for s in range(len(val.data.names)) if len(p := val.windows(s, horizon))}
     if not pools:
         raise SystemExit(f"no held-out episode has {horizon + 1} control steps: lower --horizon")
     turn = [list(pools)[i % len(pools)] for i in range(n)]
@@ -122,7 +122,7 @@ def main(args):
     predictor, decoder = build(pred_ckpt, device).eval(), build(dec_ckpt, device).eval()
     horizon = args.horizon or pred_ckpt.get("horizon", 15)
 
-    starts = pick_starts(val, args.starts, horizon, predictor.history, args.seed)
+    starts = pick_starts(val, args.starts, horizon, args.seed)
     z, actions, real = gather_starts(val, starts, horizon, predictor.history)
     dreams = dream(predictor, decoder, z.to(device), actions.to(device))                  # [N,4,H+1,64,64,3]
     panels = np.concatenate([real[:, None], dreams], 1)                                    # [N,5,H+1,64,64,3]

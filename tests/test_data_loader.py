@@ -193,14 +193,14 @@ def test_start_windows_and_steps_count_from_each_episodes_first_row(three_source
     # latent = (tag, t): which episode a row belongs to and where in it
     cache = LatentCache(data, "k", 2, lambda f: np.stack([f[:, 0, 0, 0], f[:, 0, 1, 0]], 1).astype(np.float32))
     for s, episodes in enumerate([2, 6, 12]):
-        z = cache.latents[s][cache.windows(s, horizon=15, history=1, first=4)]
+        z = cache.latents[s][cache.windows(s, horizon=15, first=4)]
         assert len(z) == episodes * 4 and len(np.unique(z[:, 0])) == episodes
         np.testing.assert_array_equal(z[:, 1], np.tile([0, 1, 2, 3], episodes))   # t = 0 .. 3: from the first row
-        rows = cache.windows(s, horizon=15, history=1)
+        rows = cache.windows(s, horizon=15)
         steps = cache.gather(s, rows, horizon=15, history=1)["step"]            # [N,16]: t .. t+15 in its episode
         np.testing.assert_array_equal(steps, cache.latents[s][rows][:, 1:2] + np.arange(16))
         # a start longer than the episode's windows is all of them
-        np.testing.assert_array_equal(cache.windows(s, 15, 1, first=100), cache.windows(s, 15, 1))
+        np.testing.assert_array_equal(cache.windows(s, 15, first=100), cache.windows(s, 15))
 
 
 def test_history_before_an_episodes_first_row_repeats_that_row(three_sources):
@@ -208,7 +208,7 @@ def test_history_before_an_episodes_first_row_repeats_that_row(three_sources):
     cache = LatentCache(EpisodeData(three_sources, "all"), "k", 2,
                         lambda f: np.stack([f[:, 0, 0, 0], f[:, 0, 1, 0]], 1).astype(np.float32))
     for s in range(3):
-        rows = cache.windows(s, horizon=3, history=2)
+        rows = cache.windows(s, horizon=3)
         w = cache.gather(s, rows, horizon=3, history=2)                   # z [N,6,2]: t-2 .. t+3
         t, z = w["step"][:, 0], w["z"]
         assert np.all(z[:, :, 0] == z[:, :1, 0])                         # never across episodes

@@ -39,7 +39,7 @@ def test_gif_has_one_frame_per_step_and_the_grid_layout(setup, tmp_path):
 def test_panels_hold_the_real_future_and_the_dreams_start_from_z_t(setup, tmp_path):
     dirs, _ = setup
     _, val, _ = latent_caches(tmp_path / "enc.pth", dirs, 0.34, 0, "cpu")
-    starts = vd.pick_starts(val, 4, H, 1, seed=0)
+    starts = vd.pick_starts(val, 4, H, seed=0)
     assert [s for s, _ in starts] == [0, 0, 1, 2]                            # race, recovery, random in turn
     z, actions, real = vd.gather_starts(val, starts, H, 1)
     assert z.shape == (4, 2, 16) and actions.shape == (4, H, 3) and real.shape == (4, H + 1, 64, 64, 3)

@@ -43,7 +43,7 @@ def test_windows_stay_inside_episodes(sources):
     data = EpisodeData(sources, "all")
     cache = LatentCache(data, "tag", 4, tag_encode)
     for s in range(3):
-        rows = cache.windows(s, horizon=15, history=1)
+        rows = cache.windows(s, horizon=15)
         assert len(rows) == 3 * (25 - 15)                                        # t = 0 .. 9 of each episode
         w = cache.gather(s, rows, horizon=15, history=1)
         assert w["z"].shape == (len(rows), 17, 4) and w["action"].shape == (len(rows), 15, 3)
