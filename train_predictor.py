@@ -186,7 +186,7 @@ def main(args):
     pools = [train.windows(s, h) for s in range(len(train.data.names))]
     for name, pool in zip(train.data.names, pools):
         if not len(pool):
-            raise SystemExit(f"source {name!r} has no episode longer than {h + hist + 1} control steps")
+            raise SystemExit(f"source {name!r} has no episode longer than {h} control steps")
 
     model = Predictor(enc_ckpt["config"]["latent"], args.hidden, args.layers, hist).to(device)
     if args.init:
