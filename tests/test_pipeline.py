@@ -219,11 +219,15 @@ def test_a_second_run_skips_every_stage(tiny_run):
 
 def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     w, _ = tiny_run
-    r = run_pipeline(w, "--force", "train_cost_model")
+    before = {p.name: p.stat().st_mtime_ns for p in (w / "data_dagger").glob("*.npz")}
+    r = run_pipeline(w, "--force", "train_prior")
     assert r.returncode == 0, r.stderr
     ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
-    # the on-policy rounds drove with the old judge, so they are redone too (their old drives deleted)
-    assert ran == set(pipeline.STAGES[pipeline.STAGES.index("train_cost_model"):])
+    # Round 0's prior drives only the DAgger round and what follows it; the on-policy rounds drive without a
+    # prior, so they and the judges trained on their drives are kept, though they come later in the order.
+    assert ran == {"train_prior", "collect_dagger", "train_prior_dagger", "check_prior", "choose_prior", "drive_mpc"}
+    after = {p.name: p.stat().st_mtime_ns for p in (w / "data_dagger").glob("*.npz")}
+    assert after.keys() == before.keys() and all(after[k] > before[k] for k in after)   # drives redone, not kept
 
 
 # ---------------------------------------------------------------- the prior that drives
