@@ -408,6 +408,11 @@ class LatentCache:
         parts = [c.starts[i] + np.arange(end(c.lengths[i])) for i in ids if c.lengths[i] > horizon]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
+    def sample_windows(self, source: int, horizon: int, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Up to n rows of `windows`, drawn without replacement, in row order (all of them where there are fewer)."""
+        pool = self.windows(source, horizon)
+        return np.sort(rng.choice(pool, min(n, len(pool)), replace=False))
+
     def gather(self, source: int, rows: np.ndarray, horizon: int, history: int = 1) -> dict:
         """For current rows [B]: latents [B,history+1+horizon,D] (t-history .. t+horizon), actions [B,horizon,3]
         (held after t .. t+horizon-1), and every other column over t .. t+horizon, with `step`: t's index in its

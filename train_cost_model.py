@@ -82,10 +82,9 @@ def predicted_transitions(cache, predictor, per_source: int, recovery_label: str
     hist = predictor.config["history"]
     parts = []
     for s, name in enumerate(cache.data.names):
-        pool = cache.windows(s, h, first)
-        if not len(pool):
+        rows = cache.windows(s, h, first) if first else cache.sample_windows(s, h, per_source, rng)
+        if not len(rows):
             continue
-        rows = pool if first else np.sort(rng.choice(pool, min(per_source, len(pool)), replace=False))
         w = cache.gather(s, rows, h, hist)
         z = torch.from_numpy(w["z"]).to(device)                                 # [N,hist+1+H,D]
         pred = predictor.rollout(z[:, :hist + 1], torch.from_numpy(w["action"]).to(device)).cpu()   # [N,H,D]

@@ -85,10 +85,10 @@ def evaluate(model: Predictor, cache: LatentCache, horizon: int, history: int, d
     model.eval()
     out = {}
     for s, name in enumerate(cache.data.names):
-        pool = cache.windows(s, horizon)
-        if not len(pool):
+        rows = cache.sample_windows(s, horizon, n, rng)
+        if not len(rows):
             continue
-        w = cache.gather(s, np.sort(rng.choice(pool, min(n, len(pool)), replace=False)), horizon, history)
+        w = cache.gather(s, rows, horizon, history)
         z = torch.from_numpy(w["z"]).to(device)
         pred = model.rollout(z[:, :history + 1], torch.from_numpy(w["action"]).to(device))
         truth, now = z[:, history + 1:], z[:, history:history + 1]
@@ -143,9 +143,7 @@ def probe_through_prediction(model: Predictor, train: LatentCache, val: LatentCa
     def windows(cache):
         parts = []
         for s in range(len(cache.data.names)):
-            pool = cache.windows(s, horizon)
-            parts.append(cache.gather(s, np.sort(rng.choice(pool, min(n // 3, len(pool)), replace=False)),
-                                      horizon, history))
+            parts.append(cache.gather(s, cache.sample_windows(s, horizon, n // 3, rng), horizon, history))
             parts[-1]["source"] = np.full(len(parts[-1]["z"]), s)
         return {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
     tr, va = windows(train), windows(val)

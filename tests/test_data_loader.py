@@ -201,6 +201,10 @@ def test_start_windows_and_steps_count_from_each_episodes_first_row(three_source
         np.testing.assert_array_equal(steps, cache.latents[s][rows][:, 1:2] + np.arange(16))
         # a start longer than the episode's windows is all of them
         np.testing.assert_array_equal(cache.windows(s, 15, first=100), cache.windows(s, 15))
+        # a sample: distinct windows in row order, as many as asked for, or all of them where there are fewer
+        picked = cache.sample_windows(s, 15, 7, np.random.default_rng(0))
+        assert len(picked) == min(7, len(rows)) and np.all(np.diff(picked) > 0) and np.isin(picked, rows).all()
+        np.testing.assert_array_equal(cache.sample_windows(s, 15, len(rows) + 5, np.random.default_rng(0)), rows)
 
 
 def test_history_before_an_episodes_first_row_repeats_that_row(three_sources):
