@@ -18,7 +18,8 @@ With --collect DIR it drives training tracks instead (seeds >= 1,000,000, derive
 collectors') and stores the episodes in the episode format: data for the next round of the predictor and
 the judge (train_predictor.py --onpolicy-dirs DIR --init ...), so they learn the states the planner
 really reaches (measured on tuning tracks: README, "Learning from its own drives"). Without --predictor,
---cost and --prior it uses those of the last round, models/onpolicy{r}/, where there is one, else models/.
+--cost and --prior it uses those of the last round, models/onpolicy{r}/, where there is one, else models/
+(the judge from its dagger/ folder where pipeline.py trained one there).
 Every collected step is labelled with the expert's action for that state (episode format): with the prior
 driving too, these drives retrain the prior (train_prior.py --onpolicy-dirs; pipeline.py's DAgger stage).
 
@@ -41,7 +42,7 @@ import numpy as np
 from carenv import Expert, make_env, run_episode
 from data_loader import episode_name, write_episode
 from planner import MPCPolicy, PriorPolicy, plan_dtype
-from presets import (CONTROL_PERIOD, MODELS_DIR, atomic_write, common_parser, default_workers, onpolicy_rounds,
+from presets import (CONTROL_PERIOD, DAGGER_MODELS, MODELS_DIR, atomic_write, common_parser, default_workers, onpolicy_rounds,
                      pick_device)
 
 
@@ -269,6 +270,13 @@ def newest_prior(models_dir, latest: Path) -> Path:
     return latest / "prior_final.pth" if (latest / "prior_final.pth").exists() else Path(models_dir) / "prior_final.pth"
 
 
+def newest_judge(latest: Path) -> Path:
+    """The judge pipeline.py trains last, with the DAgger drives among the MPC's own, where there is one (README,
+    "Session 29"); else the last round's."""
+    dagger = latest / DAGGER_MODELS / "cost_model_final.pth"
+    return dagger if dagger.exists() else latest / "cost_model_final.pth"
+
+
 def main(args):
     seeds = list(range(args.seed, args.seed + args.episodes))
     display = bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or os.name == "nt" \
@@ -279,7 +287,7 @@ def main(args):
             "record": args.record, "save_episodes": args.save_episodes, "threads": 0,
             "encoder": args.encoder or f"{args.models_dir}/encoder_final.pth",
             "predictor": args.predictor or str(latest / "predictor_final.pth"),
-            "cost": args.cost or str(latest / "cost_model_final.pth"),
+            "cost": args.cost or str(newest_judge(latest)),
             "prior": None if args.prior == "none" else (args.prior or str(newest_prior(args.models_dir, latest))),
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
@@ -341,7 +349,8 @@ def parser():
     g.add_argument("--predictor", default=None,
                    help="default: predictor_final.pth of the last on-policy round (MODELS_DIR/onpolicy{r}/), "
                         "else of MODELS_DIR")
-    g.add_argument("--cost", default=None, help="default: cost_model_final.pth, from the same folder")
+    g.add_argument("--cost", default=None, help="default: cost_model_final.pth, from the same folder (or its "
+                                                "dagger/ folder)")
     g.add_argument("--prior", default=None,
                    help="expert prior checkpoint (default: prior_final.pth of the last on-policy round, where "
                         "pipeline.py's DAgger stage puts it, else of MODELS_DIR); none: plan without it")

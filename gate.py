@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from presets import (DAGGER_DIR, DAGGER_PRIOR, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS,
+from presets import (DAGGER_DIR, DAGGER_MODELS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS,
                      PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, atomic_write)
 from report import read_json
 
@@ -39,7 +39,7 @@ def choose_prior(w: Path, last: Path) -> str:
     means = {"round0": read_json(w / DAGGER_DIR / "summary.json")["score_mean"],
              "dagger": read_json(w / PRIOR_CHECK_DIR / "summary.json")["score_mean"]}
     kept = "dagger" if means["dagger"] >= means["round0"] else "round0"
-    source = last / DAGGER_PRIOR / "prior_final.pth" if kept == "dagger" else w / MODELS_DIR / "prior_final.pth"
+    source = last / DAGGER_MODELS / "prior_final.pth" if kept == "dagger" else w / MODELS_DIR / "prior_final.pth"
     atomic_write(last / "prior_final.pth", lambda f: f.write(source.read_bytes()))
     choice = {**means, "kept": kept, "score": means[kept], "source": source.relative_to(w).as_posix()}
     atomic_write(last / PRIOR_CHOICE, lambda f: f.write(json.dumps(choice, indent=1).encode()))

@@ -13,10 +13,12 @@ After the judge come ONPOLICY_ROUNDS rounds of learning from the MPC's own drive
 (drive_mpc.py --collect -> data_onpolicy{r}/, then train_predictor.py --init and train_cost_model.py on
 all sources -> models/onpolicy{r}/). Then DAgger for the expert prior (the planner's first guess,
 train_prior.py): the finished driver drives training tracks with every step labelled with the expert's action
-(drive_mpc.py --collect -> data_dagger/) and the prior is retrained with them -> models/onpolicy{R}/dagger/.
+(drive_mpc.py --collect -> data_dagger/) and the prior is retrained with them -> models/onpolicy{R}/dagger/,
+as is the judge, with them among the MPC's own drives (not expert) -> models/onpolicy{R}/dagger/ too.
 That prior is a draw: the driver with it drives the same tracks again (-> data_prior_check/), and the prior
 that drove them better, round 0's or the retrained one, is kept -> models/onpolicy{R}/prior_final.pth
-(prior_choice.json says which). The final drive uses the last round's predictor and judge and that prior.
+(prior_choice.json says which). The final drive uses the last round's predictor, the judge from dagger/
+and that prior.
 At small, the kept driver's mean on those tracks gates the run: under --gate (800) it trains again from the
 encoder on with the seed + 1000 (the data kept; the attempt's models and drives moved to attempt{k}/), at most
 --attempts times (3); the attempt with the best mean drives. attempts.json records each.
@@ -43,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from gate import ATTEMPTS_FILE, attempt_notes, choose_prior, last_round, next_attempt
-from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS,
+from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS,
                      ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
 
@@ -53,7 +55,7 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
           "visualise_dream", "train_prior", "train_cost_model",
           *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
             for s in ("collect", "train_predictor", "train_cost_model")),
-          "collect_dagger", "train_prior_dagger", "check_prior", "choose_prior", "drive_mpc")
+          "collect_dagger", "train_prior_dagger", "train_cost_model_dagger", "check_prior", "choose_prior", "drive_mpc")
 # What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last.
 ATTEMPT_STAGES = STAGES[STAGES.index("train_encoder"):]
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
@@ -136,7 +138,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     # drives in data_onpolicy{r}/, and fine-tunes both on every source so far into models/onpolicy{r}/.
     models = lambda p, c: ["--encoder", str(enc), "--predictor", str(p), "--cost", str(c)]   # noqa: E731
     episodes, epochs, judge_epochs = run["onpolicy"]
-    judge = ["--epochs", str(judge_epochs)] if judge_epochs else []
+    judge_args = ["--epochs", str(judge_epochs)] if judge_epochs else []
     onpolicy, pred_r, cost_r, own = [], pred, cost, []
     for r in range(1, ONPOLICY_ROUNDS + 1):
         d, out = w / f"{ONPOLICY_DIR}{r}", m / f"{ONPOLICY_MODELS}{r}"
@@ -159,7 +161,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
                   [enc, pred_r, *data.values(), *own], [out / "predictor_final.pth", out / "predictor_stats.jsonl"],
                   script="train_predictor"),
             Stage(f"train_cost_model_onpolicy{r}", mine + ["--predictor", str(out / "predictor_final.pth"),
-                                                           *judge, "--out-dir", str(out)],
+                                                           *judge_args, "--out-dir", str(out)],
                   [enc, out / "predictor_final.pth", *data.values(), *own],
                   [out / "cost_model_final.pth", out / "cost_model_stats.json"], script="train_cost_model")]
         pred_r, cost_r = out / "predictor_final.pth", out / "cost_model_final.pth"
@@ -168,7 +170,8 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     # (into dagger/). The driver with that prior drives the same tracks (the same --seed) again, and the prior
     # that drove them better goes to the last round's folder, where drive_mpc.py looks for it first.
     dag, check, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, last_round(w)
-    retrained, kept = last / DAGGER_PRIOR / "prior_final.pth", last / "prior_final.pth"
+    retrained, kept = last / DAGGER_MODELS / "prior_final.pth", last / "prior_final.pth"
+    final_judge = last / DAGGER_MODELS / "cost_model_final.pth"
     tracks = ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless", *models(pred_r, cost_r),
               "--episodes", str(run["dagger"]), *cap]
     dagger = [
@@ -177,6 +180,14 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag),
                                              "--out-dir", str(retrained.parent)],
               [enc, *data.values(), dag], [retrained, retrained.parent / "prior_stats.json"], script="train_prior"),
+        # The judge again, with the finished driver's drives among its own (not expert): a second round of
+        # adversarial imitation without a second round of drives. The final drive uses it; the gate and the
+        # prior's check still measure the round's judge, as they were measured (README, "Session 29").
+        Stage("train_cost_model_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", *map(str, [*own, dag]),
+                                                  "--predictor", str(pred_r), *judge_args,
+                                                  "--out-dir", str(final_judge.parent)],
+              [enc, pred_r, *data.values(), *own, dag], [final_judge, final_judge.parent / "cost_model_stats.json"],
+              script="train_cost_model"),
         Stage("check_prior", common + tracks + ["--prior", str(retrained), "--collect", str(check)],
               [enc, pred_r, cost_r, retrained], [check / "summary.json"], script="drive_mpc", clear=check),
         Stage("choose_prior", [], [dag, check, prior, retrained], [kept, last / PRIOR_CHOICE],
@@ -203,9 +214,9 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         *onpolicy,
         *dagger,
         # Fixed evaluation seeds 0..E-1 whatever --seed is, so scores of different runs compare.
-        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, cost_r), "--prior",
+        Stage("drive_mpc", common + ["--headless", "--seed", "0", *models(pred_r, final_judge), "--prior",
                                      str(kept), *drive, "--json", str(w / "drive.json"), "--record", str(video)],
-              [enc, pred_r, cost_r, kept], [w / "drive.json", video]),
+              [enc, pred_r, final_judge, kept], [w / "drive.json", video]),
     ]
 
 

@@ -36,10 +36,12 @@ ONPOLICY_ROUNDS = 1
 DAGGER_DIR = "data_dagger"
 # The prior retrained on them is a draw that can cost as much as it gives (README, "Which prior drives"), so
 # the finished driver with it drives the DAgger round's tracks again (PRIOR_CHECK_DIR) before it is kept:
-# pipeline.py trains it into MODELS_DIR/onpolicy{R}/DAGGER_PRIOR/ and copies the prior that drove those
+# pipeline.py trains it into MODELS_DIR/onpolicy{R}/DAGGER_MODELS/ and copies the prior that drove those
 # tracks better to MODELS_DIR/onpolicy{R}/prior_final.pth, where drive_mpc.py looks first.
 PRIOR_CHECK_DIR = "data_prior_check"
-DAGGER_PRIOR = "dagger"
+# The DAgger round's models: the retrained prior, and the judge trained again with the DAgger drives among
+# the MPC's own (not expert), which drive_mpc.py uses in place of the round's judge (README, "Session 29").
+DAGGER_MODELS = "dagger"
 PRIOR_CHOICE = "prior_choice.json"         # beside the kept prior: both means and which prior was kept
 SOURCES = (*DATA_DIRS, "onpolicy")
 MODELS_DIR = "models"

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from presets import (DAGGER_DIR, DAGGER_PRIOR, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE,
+from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE,
                      VISUALS_DIR, onpolicy_rounds)
 
 
@@ -96,12 +96,14 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
     if (w / "output_dream.gif").exists():
         out += ["## Dreams", "", "Real future | dreams under the real actions, hard left, full throttle, hard right:",
                 "", *_figure(w, w / "output_dream.gif", "dream")]
-    if cost := read_json(m / "cost_model_stats.json"):
-        val = cost["val"]
+    # Every judge: round 0's, each on-policy round's, and the one trained again with the DAgger drives.
+    judges = [m / "cost_model_stats.json", *(d / "cost_model_stats.json" for d in onpolicy_rounds(m)),
+              *(d / DAGGER_MODELS / "cost_model_stats.json" for d in onpolicy_rounds(m)[-1:])]
+    if rows := [[p.relative_to(w).as_posix(), v["expert_auc"], v["expert_calibration"]["ece"], v["road_accuracy"],
+                 v["progress_r2"]] for p in judges if (v := (read_json(p) or {}).get("val"))]:
         out += ["## Cost model (held-out)", "", *_table(
-            ["expert AUC", "expert ECE", "on-road accuracy", "progress R²"],
-            [[val["expert_auc"], val["expert_calibration"]["ece"], val["road_accuracy"], val["progress_r2"]]])]
-    retrained = f"{DAGGER_PRIOR}/prior_stats.json"
+            ["stats", "expert AUC", "expert ECE", "on-road accuracy", "progress R²"], rows)]
+    retrained = f"{DAGGER_MODELS}/prior_stats.json"
     priors = [(p.relative_to(w).as_posix(), st) for p in [m / "prior_stats.json",
               *(d / retrained for d in onpolicy_rounds(m, retrained)[-1:])] if (st := read_json(p))]
     if priors:

@@ -308,6 +308,12 @@ def test_the_last_on_policy_round_drives_by_default(tmp_path):
     assert drive_mpc.newest_prior(tmp_path, latest) == tmp_path / "prior_final.pth"   # round 0's: no DAgger prior
     (latest / "prior_final.pth").write_bytes(b"")                           # pipeline.py's DAgger stage ran
     assert drive_mpc.newest_prior(tmp_path, latest) == latest / "prior_final.pth"
+    assert drive_mpc.newest_judge(latest) == latest / "cost_model_final.pth"       # the round's judge
+    (latest / "dagger").mkdir()
+    (latest / "dagger" / "prior_final.pth").write_bytes(b"")                # the retrained prior alone: still it
+    assert drive_mpc.newest_judge(latest) == latest / "cost_model_final.pth"
+    (latest / "dagger" / "cost_model_final.pth").write_bytes(b"")           # the judge trained on the DAgger drives
+    assert drive_mpc.newest_judge(latest) == latest / "dagger" / "cost_model_final.pth"
 
 
 def test_an_unwritable_recording_fails_before_the_drive(monkeypatch):

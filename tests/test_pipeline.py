@@ -117,6 +117,16 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         assert check[check.index("--collect") + 1] == str(ROOT / "unused" / "data_prior_check")
         drive = built["drive_mpc"]
         assert drive[drive.index("--prior") + 1] == str(last / "prior_final.pth")
+        # the judge trained again with the DAgger drives among the MPC's own, the round's way, drives at the end;
+        # the check drives with the round's judge, as the DAgger drives did
+        again = built["train_cost_model_dagger"]
+        own = again[again.index("--onpolicy-dirs") + 1:again.index("--onpolicy-dirs") + 3]
+        assert own == [collect[collect.index("--collect") + 1], dagger[dagger.index("--collect") + 1]]
+        assert again[again.index("--predictor") + 1] == dagger[dagger.index("--predictor") + 1]
+        assert again[again.index("--out-dir") + 1] == str(last / "dagger")
+        assert (again[again.index("--epochs") + 1] == str(judge_epochs)) if judge_epochs else "--epochs" not in again
+        assert drive[drive.index("--cost") + 1] == str(last / "dagger" / "cost_model_final.pth")
+        assert check[check.index("--cost") + 1] == dagger[dagger.index("--cost") + 1] == str(last / "cost_model_final.pth")
 
 
 # ---------------------------------------------------------------- failures
@@ -199,6 +209,11 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     assert choice["kept"] == ("dagger" if means["dagger"] >= means["round0"] else "round0")
     assert (last / "prior_final.pth").read_bytes() == (w / choice["source"]).read_bytes()
     assert f"driving with **{choice['source']}**" in report
+    # The judge trained again with the DAgger drives among the MPC's own, reported beside the others
+    judge = json.loads((last / "dagger" / "cost_model_stats.json").read_text())
+    assert judge["train_transitions"] > json.loads((last / "cost_model_stats.json").read_text())["train_transitions"]
+    for stats in ("models", f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}", f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/dagger"):
+        assert f"| {stats}/cost_model_stats.json | " in report, stats
     last = f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/predictor_probes.json"
     assert "Probes through prediction (models/predictor_probes.json)" in report and f"({last})" in report
     by_source = json.loads((w / last).read_text())["leaving_road_by_source"]
@@ -225,7 +240,8 @@ def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
     # Round 0's prior drives only the DAgger round and what follows it; the on-policy rounds drive without a
     # prior, so they and the judges trained on their drives are kept, though they come later in the order.
-    assert ran == {"train_prior", "collect_dagger", "train_prior_dagger", "check_prior", "choose_prior", "drive_mpc"}
+    assert ran == {"train_prior", "collect_dagger", "train_prior_dagger", "train_cost_model_dagger", "check_prior",
+                   "choose_prior", "drive_mpc"}
     after = {p.name: p.stat().st_mtime_ns for p in (w / "data_dagger").glob("*.npz")}
     assert after.keys() == before.keys() and all(after[k] > before[k] for k in after)   # drives redone, not kept
 
