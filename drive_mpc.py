@@ -42,8 +42,8 @@ import numpy as np
 from carenv import Expert, make_env, run_episode
 from data_loader import episode_name, write_episode
 from planner import MPCPolicy, PriorPolicy, plan_dtype
-from presets import (CONTROL_PERIOD, DAGGER_MODELS, MODELS_DIR, atomic_write, common_parser, default_workers, onpolicy_rounds,
-                     pick_device)
+from presets import (CONTROL_PERIOD, DAGGER_MODELS, MODELS_DIR, atomic_write, common_parser, default_workers,
+                     onpolicy_rounds, pick_device)
 
 
 def load_mpc(spec: dict):

@@ -126,7 +126,8 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         assert again[again.index("--out-dir") + 1] == str(last / "dagger")
         assert (again[again.index("--epochs") + 1] == str(judge_epochs)) if judge_epochs else "--epochs" not in again
         assert drive[drive.index("--cost") + 1] == str(last / "dagger" / "cost_model_final.pth")
-        assert check[check.index("--cost") + 1] == dagger[dagger.index("--cost") + 1] == str(last / "cost_model_final.pth")
+        round_judge = str(last / "cost_model_final.pth")
+        assert check[check.index("--cost") + 1] == dagger[dagger.index("--cost") + 1] == round_judge
 
 
 # ---------------------------------------------------------------- failures
@@ -212,7 +213,8 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     # The judge trained again with the DAgger drives among the MPC's own, reported beside the others
     judge = json.loads((last / "dagger" / "cost_model_stats.json").read_text())
     assert judge["train_transitions"] > json.loads((last / "cost_model_stats.json").read_text())["train_transitions"]
-    for stats in ("models", f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}", f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/dagger"):
+    folder = f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}"
+    for stats in ("models", folder, f"{folder}/dagger"):
         assert f"| {stats}/cost_model_stats.json | " in report, stats
     last = f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/predictor_probes.json"
     assert "Probes through prediction (models/predictor_probes.json)" in report and f"({last})" in report
