@@ -97,8 +97,9 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += ["## Dreams", "", "Real future | dreams under the real actions, hard left, full throttle, hard right:",
                 "", *_figure(w, w / "output_dream.gif", "dream")]
     # Every judge: round 0's, each on-policy round's, and the one trained again with the DAgger drives.
-    judges = [m / "cost_model_stats.json", *(d / "cost_model_stats.json" for d in onpolicy_rounds(m)),
-              *(d / DAGGER_MODELS / "cost_model_stats.json" for d in onpolicy_rounds(m)[-1:])]
+    rounds = onpolicy_rounds(m)
+    judges = [m / "cost_model_stats.json", *(d / "cost_model_stats.json" for d in rounds),
+              *(d / DAGGER_MODELS / "cost_model_stats.json" for d in rounds[-1:])]
     if rows := [[p.relative_to(w).as_posix(), v["expert_auc"], v["expert_calibration"]["ece"], v["road_accuracy"],
                  v["progress_r2"]] for p in judges if (v := (read_json(p) or {}).get("val"))]:
         out += ["## Cost model (held-out)", "", *_table(
