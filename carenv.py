@@ -20,6 +20,7 @@ if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.env
 
 import numpy as np
 
+from data_loader import COLUMNS
 from presets import CONTROL_PERIOD
 
 ENV_ID = "CarRacing-v3"
@@ -331,19 +332,9 @@ def run_episode(env, policy, track_seed: int, k: int = CONTROL_PERIOD, max_steps
         rows["expert_action"].append(label)
         for key, value in extras.items():
             extras_rows.setdefault(key, []).append(value)
-    out = {
-        "obs": np.stack(rows["obs"]).astype(np.uint8),
-        "action": np.stack(rows["action"]).astype(np.float32),
-        "reward": np.array(rows["reward"], np.float32),
-        "done": np.array(rows["done"], bool),
-        "speed": np.array(rows["speed"], np.float32),
-        "yaw_rate": np.array(rows["yaw_rate"], np.float32),
-        "on_road": np.array(rows["on_road"], bool),
-        "lateral": np.array(rows["lateral"], np.float32),
-        "heading_err": np.array(rows["heading_err"], np.float32),
-        "tiles": np.array(rows["tiles"], np.int32),
-        "expert_action": np.stack(rows["expert_action"]).astype(np.float32),
-    }
+    # The episode format's dtypes; `mistake` is the recovery collector's to add.
+    out = {"obs": np.stack(rows["obs"]).astype(np.uint8)}
+    out.update({name: np.array(rows[name], dtype) for name, (dtype, _) in COLUMNS.items() if name in rows})
     out.update({key: np.asarray(v) for key, v in extras_rows.items()})
     n_tiles = len(sim.track)
     out["score"] = float(score)

@@ -44,6 +44,7 @@ from data_loader import episode_name, write_episode
 from planner import MPCPolicy, PriorPolicy, plan_dtype
 from presets import (CONTROL_PERIOD, DAGGER_MODELS, MODELS_DIR, atomic_write, common_parser, default_workers,
                      onpolicy_rounds, pick_device)
+from video import Recorder, check_record_path
 
 
 def load_mpc(spec: dict):
@@ -87,53 +88,6 @@ class OnPolicyDriver:
     def act(self, frame: np.ndarray, sim=None):
         action, _ = self.mpc.act(frame)
         return action, {}                          # the episode format has no energy column
-
-
-def can_write_mp4() -> bool:
-    """Whether imageio's ffmpeg plugin is installed (without it imageio picks another writer for .mp4 by the
-    suffix and raises only once the drive is over)."""
-    try:
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def check_record_path(path: str) -> None:
-    """Fail before driving, not after it: a .mp4 needs imageio-ffmpeg; other suffixes than .mp4 and .gif are
-    not supported."""
-    if path.endswith(".gif"):
-        return
-    if not path.endswith(".mp4"):
-        raise SystemExit(f"--record {path}: give a .mp4 or .gif path")
-    if not can_write_mp4():
-        raise SystemExit(f"--record {path}: writing .mp4 needs imageio-ffmpeg (pip install 'imageio[ffmpeg]'), "
-                         "or record a .gif")
-
-
-class Recorder:
-    """Collects the env frames of a drive, with the chosen action and energy written on each."""
-
-    def __init__(self, path: str, scale: int = 4):
-        self.path, self.scale, self.frames = path, scale, []
-
-    def __call__(self, obs: np.ndarray, action: np.ndarray, extras: dict) -> None:
-        from PIL import Image, ImageDraw
-        img = Image.fromarray(obs).resize((obs.shape[1] * self.scale, obs.shape[0] * self.scale), Image.NEAREST)
-        draw = ImageDraw.Draw(img)
-        text = f"steer {action[0]:+.2f} gas {action[1]:.2f} brake {action[2]:.2f}"
-        if "energy" in extras:
-            text += f"\nenergy {float(extras['energy']):+.2f}  plan {float(extras['plan_ms']):.0f} ms"
-        draw.multiline_text((4, 4), text, fill=(255, 255, 255), stroke_width=2, stroke_fill=(0, 0, 0))
-        self.frames.append(np.asarray(img))
-
-    def save(self) -> None:
-        import imageio
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        if self.path.endswith(".gif"):
-            imageio.mimsave(self.path, self.frames[::2], duration=40, loop=0)       # 25 fps keeps GIFs small
-        else:
-            imageio.mimsave(self.path, self.frames, fps=50)
 
 
 _BUILT: dict = {}                                   # this process's last driver, by its spec and files

@@ -48,6 +48,7 @@ from gate import ATTEMPTS_FILE, attempt_notes, choose_prior, last_round, next_at
 from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS,
                      ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
+from video import can_write_mp4, check_record_path
 
 HERE = Path(__file__).resolve().parent
 # In the seed's order, then the on-policy rounds; stages() builds them in this order.
@@ -110,7 +111,6 @@ def drive_video(w: Path, choice: str) -> Path:
     """Where the final drive is recorded. auto: drive.mp4 where imageio-ffmpeg is installed, else drive.gif
     (a lent GPU machine had no ffmpeg: a whole run should not refuse to start over the video's format).
     An explicit mp4 without it fails here, before the first stage, not after the training."""
-    from drive_mpc import can_write_mp4, check_record_path
     if choice == "auto":
         choice = "mp4" if can_write_mp4() else "gif"
     path = w / f"drive.{choice}"

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data_loader import LatentCache
 from models import Predictor, TinyDecoder, build, load_checkpoint
-from presets import CONTROL_PERIOD, MODELS_DIR, add_data_args, atomic_write, common_parser, data_dirs, pick_device
+from presets import CONTROL_PERIOD, MODELS_DIR, add_data_args, common_parser, data_dirs, pick_device
 from train_predictor import latent_caches
+from video import write_video
 
 # Held actions (steer -1 left..+1 right, gas, brake); a little gas in the turns so the car keeps moving.
 ACTIONS = {"hard left": (-1.0, 0.3, 0.0), "straight, full throttle": (0.0, 1.0, 0.0), "hard right": (1.0, 0.3, 0.0)}
@@ -107,6 +107,8 @@ def render(panels: np.ndarray, labels: list[list[str]], header) -> list[np.ndarr
 
 
 def main(args):
+    if Path(args.out).suffix != ".gif":
+        raise SystemExit(f"--out {args.out}: the dream is written as a GIF; give a .gif path")
     device = torch.device(pick_device(args.device))
     # Checkpoints first, so a missing one fails before any encoding work.
     pred_ckpt = load_checkpoint(args.predictor, "predictor", map_location=device, stage="train_predictor.py")
@@ -131,10 +133,8 @@ def main(args):
     frames = render(panels, labels, lambda h: f"t+{h}   ({h * seconds:.2f} s ahead)   "
                     "dream = decoder(predicted latent); at t+0 every dream is decoder(z_t)")
     # The header differs on every frame, so the GIF writer never merges two frames into one.
-    gif = iio.imwrite("<bytes>", np.stack(frames), extension=".gif", loop=0,
-                      duration=[FRAME_MS] * horizon + [4 * FRAME_MS])
     out = Path(args.out_dir or ".") / args.out
-    atomic_write(out, lambda f: f.write(gif))
+    write_video(out, frames, loop=0, duration=[FRAME_MS] * horizon + [4 * FRAME_MS])
     print(f"wrote {out}: {len(frames)} frames of {frames[0].shape[1]}x{frames[0].shape[0]}, "
           f"{len(starts)} held-out starts, horizon {horizon}")
 

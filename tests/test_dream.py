@@ -69,3 +69,5 @@ def test_missing_predictor_names_the_stage_to_run(setup, tmp_path):
     with pytest.raises(CheckpointError, match="train_predictor.py"):
         vd.main(args)
     assert not (tmp_path / "output_dream.gif").exists()
+    with pytest.raises(SystemExit, match="give a .gif path"):
+        vd.main(vd.parser().parse_args(argv + ["--out", "dream.mp4"]))
