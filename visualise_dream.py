@@ -132,8 +132,8 @@ def main(args):
     seconds = (val.data.k or CONTROL_PERIOD) * 0.02                                       # one control step at 50 fps
     frames = render(panels, labels, lambda h: f"t+{h}   ({h * seconds:.2f} s ahead)   "
                     "dream = decoder(predicted latent); at t+0 every dream is decoder(z_t)")
-    # The header differs on every frame, so the GIF writer never merges two frames into one.
     out = Path(args.out_dir or ".") / args.out
+    # The header differs on every frame, so the GIF writer never merges two frames into one.
     write_video(out, frames, loop=0, duration=[FRAME_MS] * horizon + [4 * FRAME_MS])
     print(f"wrote {out}: {len(frames)} frames of {frames[0].shape[1]}x{frames[0].shape[0]}, "
           f"{len(starts)} held-out starts, horizon {horizon}")
