@@ -19,7 +19,7 @@ collectors') and stores the episodes in the episode format: data for the next ro
 the judge (train_predictor.py --onpolicy-dirs DIR --init ...), so they learn the states the planner
 really reaches (measured on tuning tracks: README, "Learning from its own drives"). Without --predictor,
 --cost and --prior it uses those of the last round, models/onpolicy{r}/, where there is one, else models/
-(the judge from its dagger/ folder where pipeline.py trained one there).
+(the judge pipeline.py kept there, the round's or the one trained again with the DAgger drives).
 Every collected step is labelled with the expert's action for that state (episode format): with the prior
 driving too, these drives retrain the prior (train_prior.py --onpolicy-dirs; pipeline.py's DAgger stage).
 
@@ -42,7 +42,7 @@ import numpy as np
 from carenv import Expert, make_env, run_episode
 from data_loader import episode_name, write_episode
 from planner import MPCPolicy, PriorPolicy, plan_dtype
-from presets import (CONTROL_PERIOD, DAGGER_MODELS, MODELS_DIR, atomic_write, common_parser, default_workers,
+from presets import (CONTROL_PERIOD, JUDGE_KEPT, MODELS_DIR, atomic_write, common_parser, default_workers,
                      onpolicy_rounds, pick_device)
 from video import Recorder, check_record_path
 
@@ -225,10 +225,12 @@ def newest_prior(models_dir, latest: Path) -> Path:
 
 
 def newest_judge(latest: Path) -> Path:
-    """The judge pipeline.py trains last, with the DAgger drives among the MPC's own, where there is one (README,
-    "Session 29"); else the last round's."""
-    dagger = latest / DAGGER_MODELS / "cost_model_final.pth"
-    return dagger if dagger.exists() else latest / "cost_model_final.pth"
+    """The judge pipeline.py kept in the last round's folder where there is one (the round's or the one trained
+    again with the DAgger drives, whichever drove the DAgger round's tracks better: README, "Which judge
+    drives"); else the last round's. A retrained judge nobody checked is not used unasked: it cost one car
+    231.7 points a track."""
+    kept = latest / JUDGE_KEPT
+    return kept if kept.exists() else latest / "cost_model_final.pth"
 
 
 def main(args):
@@ -303,8 +305,8 @@ def parser():
     g.add_argument("--predictor", default=None,
                    help="default: predictor_final.pth of the last on-policy round (MODELS_DIR/onpolicy{r}/), "
                         "else of MODELS_DIR")
-    g.add_argument("--cost", default=None, help="default: cost_model_final.pth, from the same folder (or its "
-                                                "dagger/ folder)")
+    g.add_argument("--cost", default=None, help=f"default: {JUDGE_KEPT} (pipeline.py's choice) from the same "
+                                                "folder, else cost_model_final.pth")
     g.add_argument("--prior", default=None,
                    help="expert prior checkpoint (default: prior_final.pth of the last on-policy round, where "
                         "pipeline.py's DAgger stage puts it, else of MODELS_DIR); none: plan without it")

@@ -15,10 +15,12 @@ all sources -> models/onpolicy{r}/). Then DAgger for the expert prior (the plann
 train_prior.py): the finished driver drives training tracks with every step labelled with the expert's action
 (drive_mpc.py --collect -> data_dagger/) and the prior is retrained with them -> models/onpolicy{R}/dagger/,
 as is the judge, with them among the MPC's own drives (not expert) -> models/onpolicy{R}/dagger/ too.
-That prior is a draw: the driver with it drives the same tracks again (-> data_prior_check/), and the prior
-that drove them better, round 0's or the retrained one, is kept -> models/onpolicy{R}/prior_final.pth
-(prior_choice.json says which). The final drive uses the last round's predictor, the judge from dagger/
-and that prior.
+Both are draws: the driver with the retrained prior drives the same tracks again (-> data_prior_check/), and
+the prior that drove them better, round 0's or the retrained one, is kept -> models/onpolicy{R}/prior_final.pth
+(prior_choice.json says which); then the driver with that prior and the retrained judge drives them once more
+(-> data_judge_check/), and the judge that drove them better, the round's or the retrained one, is kept
+-> models/onpolicy{R}/cost_model_kept.pth (judge_choice.json). The final drive uses the last round's
+predictor, the kept judge and the kept prior.
 At small, the kept driver's mean on those tracks gates the run: under --gate (800) it trains again from the
 encoder on with the seed + 1000 (the data kept; the attempt's models and drives moved to attempt{k}/), at most
 --attempts times (3); the attempt with the best mean drives. attempts.json records each.
@@ -44,9 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from gate import ATTEMPTS_FILE, attempt_notes, choose_prior, last_round, next_attempt
-from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS,
-                     ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
+from gate import ATTEMPTS_FILE, attempt_notes, choose_judge, choose_prior, last_round, next_attempt
+from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, JUDGE_CHECK_DIR, JUDGE_CHOICE, JUDGE_KEPT,
+                     MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE,
+                     VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
 from video import can_write_mp4, check_record_path
 
@@ -56,7 +59,8 @@ STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_e
           "visualise_dream", "train_prior", "train_cost_model",
           *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
             for s in ("collect", "train_predictor", "train_cost_model")),
-          "collect_dagger", "train_prior_dagger", "train_cost_model_dagger", "check_prior", "choose_prior", "drive_mpc")
+          "collect_dagger", "train_prior_dagger", "train_cost_model_dagger", "check_prior", "choose_prior",
+          "check_judge", "choose_judge", "drive_mpc")
 # What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last.
 ATTEMPT_STAGES = STAGES[STAGES.index("train_encoder"):]
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
@@ -167,13 +171,15 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         pred_r, cost_r = out / "predictor_final.pth", out / "cost_model_final.pth"
     # DAgger for the prior: the finished driver (the last round's models, round 0's prior) drives training
     # tracks, each step labelled with what the expert would do there; the prior is retrained with them too
-    # (into dagger/). The driver with that prior drives the same tracks (the same --seed) again, and the prior
-    # that drove them better goes to the last round's folder, where drive_mpc.py looks for it first.
-    dag, check, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, last_round(w)
+    # (into dagger/), and so is the judge. The driver with that prior drives the same tracks (the same --seed)
+    # again, and the prior that drove them better goes to the last round's folder, where drive_mpc.py looks for
+    # it first; then, with the kept prior, the same for the judge.
+    dag, check, judged, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, w / JUDGE_CHECK_DIR, last_round(w)
     retrained, kept = last / DAGGER_MODELS / "prior_final.pth", last / "prior_final.pth"
-    final_judge = last / DAGGER_MODELS / "cost_model_final.pth"
-    tracks = ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless", *models(pred_r, cost_r),
-              "--episodes", str(run["dagger"]), *cap]
+    judge_again, final_judge = last / DAGGER_MODELS / "cost_model_final.pth", last / JUDGE_KEPT
+    on_tracks = lambda judge: ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless",   # noqa: E731
+                               *models(pred_r, judge), "--episodes", str(run["dagger"]), *cap]
+    tracks = on_tracks(cost_r)
     dagger = [
         Stage("collect_dagger", common + tracks + ["--prior", str(prior), "--collect", str(dag)],
               [enc, pred_r, cost_r, prior], [dag / "summary.json"], script="drive_mpc", clear=dag),
@@ -181,17 +187,21 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
                                              "--out-dir", str(retrained.parent)],
               [enc, *data.values(), dag], [retrained, retrained.parent / "prior_stats.json"], script="train_prior"),
         # The judge again, with the finished driver's drives among its own (not expert): a second round of
-        # adversarial imitation without a second round of drives. The final drive uses it; the gate and the
-        # prior's check still measure the round's judge, as they were measured (README, "Session 29").
+        # adversarial imitation without a second round of drives (README, "Session 29"). The prior's check
+        # drives with the round's judge, as the DAgger drives did, so only the prior differs.
         Stage("train_cost_model_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", *map(str, [*own, dag]),
                                                   "--predictor", str(pred_r), *judge_args,
-                                                  "--out-dir", str(final_judge.parent)],
-              [enc, pred_r, *data.values(), *own, dag], [final_judge, final_judge.parent / "cost_model_stats.json"],
+                                                  "--out-dir", str(judge_again.parent)],
+              [enc, pred_r, *data.values(), *own, dag], [judge_again, judge_again.parent / "cost_model_stats.json"],
               script="train_cost_model"),
         Stage("check_prior", common + tracks + ["--prior", str(retrained), "--collect", str(check)],
               [enc, pred_r, cost_r, retrained], [check / "summary.json"], script="drive_mpc", clear=check),
         Stage("choose_prior", [], [dag, check, prior, retrained], [kept, last / PRIOR_CHOICE],
-              func=lambda: choose_prior(w, last))]
+              func=lambda: choose_prior(w, last)),
+        Stage("check_judge", common + on_tracks(judge_again) + ["--prior", str(kept), "--collect", str(judged)],
+              [enc, pred_r, judge_again, kept], [judged / "summary.json"], script="drive_mpc", clear=judged),
+        Stage("choose_judge", [], [judged, last / PRIOR_CHOICE, cost_r, judge_again],
+              [final_judge, last / JUDGE_CHOICE], func=lambda: choose_judge(w, last))]
     collectors = [Stage(script, seeded + ["--out-dir", str(data[s])],
                         outputs=[data[s] / "summary.json"])
                   for script, s in (("collect_race_data", "race"), ("collect_recovery_data", "recovery"),
@@ -315,14 +325,15 @@ def main(args):
             timings_path.write_text(json.dumps(timings, indent=1))
             print(f"{stage.name:<28} ran in {timings[stage.name]:.1f} s", flush=True)
         # The gate, before the final drive: a run under the line trains again from the encoder on.
-        if stage.name == "choose_prior" and line is not None:
+        if stage.name == "choose_judge" and line is not None:
             # This attempt's stages before the drive (timings.json keeps the last run of each: this attempt's).
             spent = sum(timings.get(s, 0) for s in ATTEMPT_STAGES[:-1])
             if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
                 todo = [s for s in stages(args, w, k) if s.name in ATTEMPT_STAGES]
     notes += attempt_notes(attempts, line) if attempts else []
-    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR, PRIOR_CHECK_DIR]
+    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR, PRIOR_CHECK_DIR,
+              JUDGE_CHECK_DIR]
     write_report(w, args.preset, status, timings, notes, drives, run["max_steps"])
     print(f"report: {w / 'report.md'}")
 

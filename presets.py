@@ -40,9 +40,16 @@ DAGGER_DIR = "data_dagger"
 # tracks better to MODELS_DIR/onpolicy{R}/prior_final.pth, where drive_mpc.py looks first.
 PRIOR_CHECK_DIR = "data_prior_check"
 # The DAgger round's models: the retrained prior, and the judge trained again with the DAgger drives among
-# the MPC's own (not expert), which drive_mpc.py uses in place of the round's judge (README, "Session 29").
+# the MPC's own (not expert).
 DAGGER_MODELS = "dagger"
 PRIOR_CHOICE = "prior_choice.json"         # beside the kept prior: both means and which prior was kept
+# That judge is a draw too: over 0-99 it moved three runs' cars by +66 to +97, +4 and -232 points a track
+# (README, "Which judge drives"). So the driver with the kept prior and it drives the DAgger round's tracks
+# once more (JUDGE_CHECK_DIR), and the judge that drove them better, the round's or the retrained one, is
+# copied to MODELS_DIR/onpolicy{R}/JUDGE_KEPT, where drive_mpc.py looks first.
+JUDGE_CHECK_DIR = "data_judge_check"
+JUDGE_KEPT = "cost_model_kept.pth"
+JUDGE_CHOICE = "judge_choice.json"         # beside the kept judge: both means and which judge was kept
 SOURCES = (*DATA_DIRS, "onpolicy")
 MODELS_DIR = "models"
 # Each on-policy round's predictor and judge: MODELS_DIR/onpolicy{r}/ (pipeline.py writes, drive_mpc.py reads).

@@ -9,8 +9,8 @@ import json
 import re
 from pathlib import Path
 
-from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, MODELS_DIR, ONPOLICY_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE,
-                     VISUALS_DIR, onpolicy_rounds)
+from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, JUDGE_CHECK_DIR, JUDGE_CHOICE, JUDGE_KEPT, MODELS_DIR,
+                     ONPOLICY_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, onpolicy_rounds)
 
 
 def read_json(path: Path):
@@ -63,7 +63,8 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
     if rows:
         out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r; {DAGGER_DIR}: "
                 f"the finished driver's, labelled by the expert for the prior; {PRIOR_CHECK_DIR}: the same tracks "
-                "driven with the prior retrained on them.", "",
+                f"driven with the prior retrained on them; {JUDGE_CHECK_DIR}: with the kept prior and the judge "
+                "trained again with them.", "",
                 *_table(["source", "episodes", "frames", "score", "laps", "off-road share", "median speed",
                          "mistakes recovered in 3 s"], rows)]
     out += ["## Encoder", "", *_figure(w, m / "encoder_loss.png", "encoder loss")]
@@ -117,6 +118,11 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += [f"On the DAgger round's tracks the driver scored {c['round0']:.1f} with round 0's prior and "
                 f"{c['dagger']:.1f} with the one retrained on them: driving with **{c['source']}** "
                 f"(copied to {(d / 'prior_final.pth').relative_to(w).as_posix()}).", ""]
+    for d in onpolicy_rounds(m, JUDGE_CHOICE)[-1:]:
+        c = read_json(d / JUDGE_CHOICE)
+        out += [f"With that prior it scored {c['round']:.1f} there with the round's judge and {c['dagger']:.1f} "
+                f"with the one trained again with the DAgger drives: driving with **{c['source']}** "
+                f"(copied to {(d / JUDGE_KEPT).relative_to(w).as_posix()}).", ""]
     if drive := read_json(w / "drive.json"):
         plot_scores(drive, w / "drive_scores.png")
         out += ["## Drive (MPC on unseen tracks)", "",

@@ -312,8 +312,10 @@ def test_the_last_on_policy_round_drives_by_default(tmp_path):
     (latest / "dagger").mkdir()
     (latest / "dagger" / "prior_final.pth").write_bytes(b"")                # the retrained prior alone: still it
     assert drive_mpc.newest_judge(latest) == latest / "cost_model_final.pth"
-    (latest / "dagger" / "cost_model_final.pth").write_bytes(b"")           # the judge trained on the DAgger drives
-    assert drive_mpc.newest_judge(latest) == latest / "dagger" / "cost_model_final.pth"
+    (latest / "dagger" / "cost_model_final.pth").write_bytes(b"")           # the judge trained on the DAgger drives:
+    assert drive_mpc.newest_judge(latest) == latest / "cost_model_final.pth"       # unchecked, not used unasked
+    (latest / "cost_model_kept.pth").write_bytes(b"")                       # pipeline.py's choice of the two
+    assert drive_mpc.newest_judge(latest) == latest / "cost_model_kept.pth"
 
 
 def refusal(models_dir) -> str:

@@ -125,9 +125,18 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         assert again[again.index("--predictor") + 1] == dagger[dagger.index("--predictor") + 1]
         assert again[again.index("--out-dir") + 1] == str(last / "dagger")
         assert (again[again.index("--epochs") + 1] == str(judge_epochs)) if judge_epochs else "--epochs" not in again
-        assert drive[drive.index("--cost") + 1] == str(last / "dagger" / "cost_model_final.pth")
         round_judge = str(last / "cost_model_final.pth")
         assert check[check.index("--cost") + 1] == dagger[dagger.index("--cost") + 1] == round_judge
+        # the retrained judge's check: the same tracks and predictor, with the kept prior; the final drive takes
+        # the judge kept after it
+        judged = built["check_judge"]
+        assert judged[judged.index("--cost") + 1] == str(last / "dagger" / "cost_model_final.pth")
+        assert judged[judged.index("--prior") + 1] == str(last / "prior_final.pth")
+        cost_at = judged.index("--cost") + 1
+        same_judge = [*judged[:cost_at], round_judge, *judged[cost_at + 1:]]
+        assert same_judge[:judged.index("--prior")] == dagger[:dagger.index("--prior")]   # tracks and predictor
+        assert judged[judged.index("--collect") + 1] == str(ROOT / "unused" / "data_judge_check")
+        assert drive[drive.index("--cost") + 1] == str(last / "cost_model_kept.pth")
 
 
 # ---------------------------------------------------------------- failures
@@ -210,6 +219,16 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     assert choice["kept"] == ("dagger" if means["dagger"] >= means["round0"] else "round0")
     assert (last / "prior_final.pth").read_bytes() == (w / choice["source"]).read_bytes()
     assert f"driving with **{choice['source']}**" in report
+    # The judge's check: with the kept prior and the retrained judge on the same tracks; the judge kept is the
+    # one whose driver scored more there (the round's: the kept prior's own mean) and the final drive's
+    assert seeds("data_judge_check") == seeds("data_dagger")
+    judges = json.loads((last / "judge_choice.json").read_text())
+    assert judges["round"] == choice["score"]
+    assert judges["dagger"] == json.loads((w / "data_judge_check" / "summary.json").read_text())["score_mean"]
+    assert judges["kept"] == ("dagger" if judges["dagger"] >= judges["round"] else "round")
+    assert (last / "cost_model_kept.pth").read_bytes() == (w / judges["source"]).read_bytes()
+    assert f"driving with **{judges['source']}**" in report
+    assert f"--cost {last / 'cost_model_kept.pth'}" in (w / "logs" / "drive_mpc.log").read_text()
     # The judge trained again with the DAgger drives among the MPC's own, reported beside the others
     judge = json.loads((last / "dagger" / "cost_model_stats.json").read_text())
     assert judge["train_transitions"] > json.loads((last / "cost_model_stats.json").read_text())["train_transitions"]
@@ -241,9 +260,9 @@ def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     r = run_pipeline(w, "--force", "train_cost_model_dagger")
     assert r.returncode == 0, r.stderr
     ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
-    # The judge trained on the DAgger drives feeds only the final drive: the prior's check and choice, which
-    # come after it in the order, are kept, and so are their drives.
-    assert ran == {"train_cost_model_dagger", "drive_mpc"}
+    # The judge trained on the DAgger drives feeds only its check, its choice and the final drive: the prior's
+    # check and choice, which come after it in the order, are kept, and so are their drives.
+    assert ran == {"train_cost_model_dagger", "check_judge", "choose_judge", "drive_mpc"}
     assert {p.name: p.stat().st_mtime_ns for p in (w / "data_prior_check").glob("*.npz")} == checks
     assert checks and (w / "drive.json").stat().st_mtime_ns > drove                    # the drive redone
 
@@ -272,22 +291,46 @@ def test_the_prior_that_drove_the_dagger_tracks_better_is_kept(tmp_path):
         assert pipeline.stale(inputs, [last / "prior_final.pth", last / "prior_choice.json"]) is None
 
 
+def test_the_judge_that_drove_the_dagger_tracks_better_with_the_kept_prior_is_kept(tmp_path):
+    last = tmp_path / "models" / "onpolicy1"
+    (last / "dagger").mkdir(parents=True)
+    (last / "cost_model_final.pth").write_bytes(b"round's")
+    (last / "dagger" / "cost_model_final.pth").write_bytes(b"retrained")
+    (tmp_path / "data_judge_check").mkdir()
+    # the round's judge scored the kept prior's mean (prior_choice.json's score), whichever prior that was
+    for kept_prior, retrained, kept in ((700.0, 650.0, b"round's"), (700.0, 700.0, b"retrained"),
+                                        (600.0, 650.0, b"retrained")):
+        (last / "prior_choice.json").write_text(json.dumps({"round0": kept_prior, "dagger": kept_prior - 5,
+                                                            "score": kept_prior}))
+        (tmp_path / "data_judge_check" / "summary.json").write_text(json.dumps({"score_mean": retrained}))
+        line = gate.choose_judge(tmp_path, last)
+        assert (last / "cost_model_kept.pth").read_bytes() == kept
+        choice = json.loads((last / "judge_choice.json").read_text())
+        assert choice == {"round": kept_prior, "dagger": retrained, "kept": "round" if kept == b"round's" else "dagger",
+                          "score": max(kept_prior, retrained),
+                          "source": "models/onpolicy1/cost_model_final.pth" if kept == b"round's" else
+                          "models/onpolicy1/dagger/cost_model_final.pth"}
+        assert f"{kept_prior:.1f}" in line and f"{retrained:.1f}" in line
+        assert (last / "cost_model_final.pth").read_bytes() == b"round's"      # the round's judge stays as it was
+
+
 # ---------------------------------------------------------------- the gate on the DAgger round's tracks
 def gated_run(workdir, monkeypatch, means):
-    """pipeline.main at small with every stage faked but the choice of the prior: each output holds the seed
-    its stage was given, and the DAgger drives and the check drives score the next pair of `means` (round 0's
-    prior, the retrained one). Returns [(stage, seed)] run and the report's notes."""
+    """pipeline.main at small with every stage faked but the choices of the prior and the judge: each output
+    holds the seed its stage was given, and the DAgger drives, the prior's check drives and the judge's check
+    drives score the next triple of `means` (round 0's prior, the retrained one, the retrained judge with the
+    kept prior). Returns [(stage, seed)] run and the report's notes."""
     pairs, ran, notes, now = iter(means), [], [], {}
 
     def fake_stage(stage, w, resume, grace):
-        if stage.func is not None:                             # the choice of the prior runs for real
+        if stage.func is not None:                             # the choices of the prior and judge run for real
             ran.append((stage.name, None))
             stage.func()
             return None
         seed = stage.argv[stage.argv.index("--seed") + 1]
         ran.append((stage.name, seed))
         if stage.name == "collect_dagger":
-            now["data_dagger"], now["data_prior_check"] = next(pairs)
+            now["data_dagger"], now["data_prior_check"], now["data_judge_check"] = next(pairs)
         for out in stage.outputs:
             out.parent.mkdir(parents=True, exist_ok=True)
             mean = now.get(out.parent.name) if out.name == "summary.json" else None
@@ -305,8 +348,10 @@ def gated_run(workdir, monkeypatch, means):
 
 def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tmp_path, monkeypatch):
     line, tries = PRESETS["small"]["pipeline"]["gate"]
-    # attempt 0 keeps round 0's prior (its retrained one drove worse), attempt 1 the retrained one
-    ran, notes = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350), (line - 10, line + 50)])
+    # attempt 0 keeps round 0's prior (its retrained one drove worse) and the retrained judge (it drove better
+    # with that prior), attempt 1 the retrained prior and the round's judge
+    ran, notes = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350, line - 250),
+                                                   (line - 10, line + 50, line + 20)])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
     assert pipeline.ATTEMPT_STAGES == (*later, "drive_mpc")
     # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
@@ -315,16 +360,17 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     first, second = dict(ran[:len(pipeline.STAGES) - 1]), dict(ran[len(pipeline.STAGES) - 1:-1])
     assert first["collect_race_data"] == first["train_encoder"] == "4"
     assert all(int(second[s]) == int(first[s]) + 1000 for s in later if first[s] is not None)
-    assert first["check_prior"] == first["collect_dagger"]          # the check drives the DAgger round's tracks
+    assert first["check_prior"] == first["check_judge"] == first["collect_dagger"]   # the DAgger round's tracks
     assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"
     assert (tmp_path / "attempt0" / "models" / "encoder_final.pth").read_text() == "4"
     assert (tmp_path / "attempt0" / "logs").is_dir() and (tmp_path / "data_race" / "summary.json").exists()
     attempts = json.loads((tmp_path / "attempts.json").read_text())
-    assert [(a["seed"], a["score"], a["prior"], a["where"]) for a in attempts] == [
-        (4, line - 300, "round0", "attempt0"), (1004, line + 50, "dagger", ".")]
+    assert [(a["seed"], a["score"], a["prior"], a["judge"], a["where"]) for a in attempts] == [
+        (4, line - 250, "round0", "dagger", "attempt0"), (1004, line + 50, "dagger", "round", ".")]
     assert (tmp_path / "attempt0" / "data_prior_check" / "summary.json").exists()
-    assert f"{line - 300:.1f} with round 0's prior (attempt0/)" in notes[-1]
-    assert f"{line + 50:.1f} with the retrained prior. Driving: attempt 1." in notes[-1]
+    assert (tmp_path / "attempt0" / "data_judge_check" / "summary.json").exists()
+    assert f"{line - 250:.1f} with round 0's prior and the retrained judge (attempt0/)" in notes[-1]
+    assert f"{line + 50:.1f} with the retrained prior and the round's judge. Driving: attempt 1." in notes[-1]
     # each attempt's time is recorded and reported, so a gated run's whole cost shows, not only the kept one's:
     # its stages from the encoder to the DAgger prior, 30 s each
     assert [a["minutes"] for a in attempts] == [len(later) / 2] * 2
@@ -336,7 +382,9 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
 
 def test_when_no_attempt_passes_the_gate_the_best_one_drives(tmp_path, monkeypatch):
     line, tries = PRESETS["small"]["pipeline"]["gate"]
-    means = [(line - 300, line - 400), (line - 200, line - 100), (line - 200, line - 250)][:tries]
+    # attempt 1's retrained judge lifts it above attempt 2, whose kept prior alone drove better than attempt 1's
+    means = [(line - 300, line - 400, line - 350), (line - 200, line - 100, line - 50),
+             (line - 60, line - 250, line - 150)][:tries]
     ran, notes = gated_run(tmp_path, monkeypatch, means)
     assert [s for s, _ in ran].count("train_encoder") == tries and ran[-1][0] == "drive_mpc"
     assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"     # attempt 1 is back in place
