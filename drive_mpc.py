@@ -227,8 +227,8 @@ def newest_prior(models_dir, latest: Path) -> Path:
 def newest_judge(latest: Path) -> Path:
     """The judge pipeline.py kept in the last round's folder where there is one (the round's or the one trained
     again with the DAgger drives, whichever drove the DAgger round's tracks better: README, "Which judge
-    drives"); else the last round's. A retrained judge nobody checked is not used unasked: it cost one car
-    231.7 points a track."""
+    drives"); else the last round's. A retrained judge nobody checked is not used unasked: it cost two cars
+    231.7 and 393.1 points a track."""
     kept = latest / JUDGE_KEPT
     return kept if kept.exists() else latest / "cost_model_final.pth"
 

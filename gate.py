@@ -65,7 +65,7 @@ def choose_judge(w: Path, last: Path) -> str:
     Copies it to last/JUDGE_KEPT and writes last/judge_choice.json {"round", "dagger", "kept", "score",
     "source"}.
 
-    Why: the retrained judge moved three runs' cars by +66 to +97, +4 and -232 points a track over 0-99
+    Why: the retrained judge moved four runs' cars by +66 to +97, +4, -232 and -393 points a track over 0-99
     (README, "Which judge drives").
     """
     means = {"round": read_json(last / PRIOR_CHOICE)["score"],
