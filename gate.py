@@ -65,8 +65,8 @@ def choose_judge(w: Path, last: Path) -> str:
     Copies it to last/JUDGE_KEPT and writes last/judge_choice.json {"round", "dagger", "kept", "score",
     "source"}.
 
-    Why: the retrained judge moved four runs' cars by +66 to +97, +4, -232 and -393 points a track over 0-99
-    (README, "Which judge drives").
+    Why: the retrained judge moved five runs' cars by +66 to +97, +4, -232, -393 and +36 points a track over 0-99
+    (README, "Which judge drives"). Only a large gap on these 32 tracks is more than noise.
     """
     means = {"round": read_json(last / PRIOR_CHOICE)["score"],
              "dagger": read_json(w / JUDGE_CHECK_DIR / "summary.json")["score_mean"]}
