@@ -43,10 +43,10 @@ PRIOR_CHECK_DIR = "data_prior_check"
 # the MPC's own (not expert).
 DAGGER_MODELS = "dagger"
 PRIOR_CHOICE = "prior_choice.json"         # beside the kept prior: both means and which prior was kept
-# That judge is a draw too: over 0-99 it moved four runs' cars by +66 to +97, +4, -232 and -393 points a track
-# (README, "Which judge drives"). So the driver with the kept prior and it drives the DAgger round's tracks
-# once more (JUDGE_CHECK_DIR), and the judge that drove them better, the round's or the retrained one, is
-# copied to MODELS_DIR/onpolicy{R}/JUDGE_KEPT, where drive_mpc.py looks first.
+# That judge is a draw too (the figures: gate.choose_judge; README, "Which judge drives"). So the driver with
+# the kept prior and it drives the DAgger round's tracks once more (JUDGE_CHECK_DIR), and the judge that drove
+# them better, the round's or the retrained one, is copied to MODELS_DIR/onpolicy{R}/JUDGE_KEPT, where
+# drive_mpc.py looks first.
 JUDGE_CHECK_DIR = "data_judge_check"
 JUDGE_KEPT = "cost_model_kept.pth"
 JUDGE_CHOICE = "judge_choice.json"         # beside the kept judge: both means and which judge was kept
