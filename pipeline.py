@@ -331,6 +331,10 @@ def main(args):
             if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
                 todo = [s for s in stages(args, w, k) if s.name in ATTEMPT_STAGES]
+            else:
+                # The attempt that drives may be an earlier one put back with its logs: its stage times, not
+                # those of the attempt that ran last, go to timings.json and the report.
+                timings = read_json(timings_path) or {}
     notes += attempt_notes(attempts, line) if attempts else []
     drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR, PRIOR_CHECK_DIR,
               JUDGE_CHECK_DIR]

@@ -319,8 +319,9 @@ def gated_run(workdir, monkeypatch, means):
     """pipeline.main at small with every stage faked but the choices of the prior and the judge: each output
     holds the seed its stage was given, and the DAgger drives, the prior's check drives and the judge's check
     drives score the next triple of `means` (round 0's prior, the retrained one, the retrained judge with the
-    kept prior). Returns [(stage, seed)] run and the report's notes."""
-    pairs, ran, notes, now = iter(means), [], [], {}
+    kept prior). A stage given seed S takes 30 (1 + S // 1000) s: attempt k's, 30 (k + 1); the choices take none.
+    Returns [(stage, seed)] run, the report's notes and the stage times it was given."""
+    pairs, ran, notes, now, reported, clock = iter(means), [], [], {}, {}, [0]
 
     def fake_stage(stage, w, resume, grace):
         if stage.func is not None:                             # the choices of the prior and judge run for real
@@ -329,6 +330,7 @@ def gated_run(workdir, monkeypatch, means):
             return None
         seed = stage.argv[stage.argv.index("--seed") + 1]
         ran.append((stage.name, seed))
+        clock[0] += 30 * (1 + int(seed) // 1000)
         if stage.name == "collect_dagger":
             now["data_dagger"], now["data_prior_check"], now["data_judge_check"] = next(pairs)
         for out in stage.outputs:
@@ -337,20 +339,19 @@ def gated_run(workdir, monkeypatch, means):
             out.write_text(json.dumps({"score_mean": mean}) if mean is not None else seed)
 
     monkeypatch.setattr(pipeline, "run_stage", fake_stage)
-    # A clock that advances 30 s a reading: main reads it before and after each stage, so every stage takes 30 s.
-    clock = iter(range(0, 10**6, 30))
-    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(pipeline, "write_report", lambda w, preset, status, timings, n, *rest: notes.extend(n))
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(pipeline, "write_report",
+                        lambda w, preset, status, timings, n, *rest: (notes.extend(n), reported.update(timings)))
     pipeline.main(pipeline.parser().parse_args(["--preset", "small", "--workdir", str(workdir), "--seed", "4",
                                                 "--video", "gif"]))
-    return ran, notes
+    return ran, notes, reported
 
 
 def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tmp_path, monkeypatch):
     line, tries = PRESETS["small"]["pipeline"]["gate"]
     # attempt 0 keeps round 0's prior (its retrained one drove worse) and the retrained judge (it drove better
     # with that prior), attempt 1 the retrained prior and the round's judge
-    ran, notes = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350, line - 250),
+    ran, notes, _ = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350, line - 250),
                                                    (line - 10, line + 50, line + 20)])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
     assert pipeline.ATTEMPT_STAGES == (*later, "drive_mpc")
@@ -372,11 +373,12 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     assert f"{line - 250:.1f} with round 0's prior and the retrained judge (attempt0/)" in notes[-1]
     assert f"{line + 50:.1f} with the retrained prior and the round's judge. Driving: attempt 1." in notes[-1]
     # each attempt's time is recorded and reported, so a gated run's whole cost shows, not only the kept one's:
-    # its stages from the encoder to the DAgger prior, 30 s each
-    assert [a["minutes"] for a in attempts] == [len(later) / 2] * 2
-    assert f"(seed 4, {len(later) / 2} min) " in notes[-1] and f"(seed 1004, {len(later) / 2} min) " in notes[-1]
+    # its stages from the encoder to the choice of the judge, 30 s each in attempt 0 and 60 s in attempt 1
+    timed = len([s for s in later if first[s] is not None])
+    assert [a["minutes"] for a in attempts] == [timed / 2, timed]
+    assert f"(seed 4, {timed / 2} min) " in notes[-1] and f"(seed 1004, {float(timed)} min) " in notes[-1]
     # a second run finds everything up to date: no stage runs, no attempt is added
-    ran, _ = gated_run(tmp_path, monkeypatch, [])
+    ran, _, _ = gated_run(tmp_path, monkeypatch, [])
     assert ran == [] and json.loads((tmp_path / "attempts.json").read_text()) == attempts
 
 
@@ -385,8 +387,12 @@ def test_when_no_attempt_passes_the_gate_the_best_one_drives(tmp_path, monkeypat
     # attempt 1's retrained judge lifts it above attempt 2, whose kept prior alone drove better than attempt 1's
     means = [(line - 300, line - 400, line - 350), (line - 200, line - 100, line - 50),
              (line - 60, line - 250, line - 150)][:tries]
-    ran, notes = gated_run(tmp_path, monkeypatch, means)
+    ran, notes, reported = gated_run(tmp_path, monkeypatch, means)
     assert [s for s, _ in ran].count("train_encoder") == tries and ran[-1][0] == "drive_mpc"
+    # the report and timings.json give the stage times of attempt 1, which drives (60 s each), not attempt 2's
+    assert reported["train_encoder"] == reported["check_judge"] == 60 and reported["collect_race_data"] == 30
+    assert reported["drive_mpc"] == 30                      # the final drive, on evaluation tracks from seed 0
+    assert json.loads((tmp_path / "logs" / "timings.json").read_text()) == reported
     assert (tmp_path / "models" / "encoder_final.pth").read_text() == "1004"     # attempt 1 is back in place
     assert (tmp_path / "data_dagger" / "summary.json").exists() and not (tmp_path / "attempt1").exists()
     assert (tmp_path / "attempt2" / "models" / "encoder_final.pth").read_text() == "2004"
