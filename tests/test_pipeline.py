@@ -352,7 +352,7 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     # attempt 0 keeps round 0's prior (its retrained one drove worse) and the retrained judge (it drove better
     # with that prior), attempt 1 the retrained prior and the round's judge
     ran, notes, _ = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350, line - 250),
-                                                   (line - 10, line + 50, line + 20)])
+                                                      (line - 10, line + 50, line + 20)])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
     assert pipeline.ATTEMPT_STAGES == (*later, "drive_mpc")
     # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
