@@ -21,7 +21,8 @@ really reaches (measured on tuning tracks: README, "Learning from its own drives
 --cost and --prior it uses those of the last round, models/onpolicy{r}/, where there is one, else models/
 (the judge pipeline.py kept there, the round's or the one trained again with the DAgger drives).
 Every collected step is labelled with the expert's action for that state (episode format): with the prior
-driving too, these drives retrain the prior (train_prior.py --onpolicy-dirs; pipeline.py's DAgger stage).
+driving too, these drives retrain the prior (train_prior.py --onpolicy-dirs; pipeline.py's DAgger stage), and
+so may drives of the prior alone (--policy prior --collect DIR; README, "Session 35").
 
 Each control step the MPC (planner.py) encodes the camera frame, dreams 1,000 action sequences of 15
 steps through the predictor in one batch, sums the energy of every predicted transition, and executes the
@@ -263,8 +264,8 @@ def main(args):
               f"prior {base['prior']}", flush=True)
     if args.collect:
         from collection import run_collection
-        if args.policy != "mpc":
-            raise SystemExit("--collect drives the MPC; the expert's data is collect_race_data.py")
+        if args.policy == "expert":
+            raise SystemExit("--collect drives the MPC or the prior alone; the expert's data is collect_race_data.py")
         workers = args.workers or default_workers()
         run = argparse.Namespace(preset=args.preset, out_dir=args.collect, workers=workers, seed=args.seed,
                                  max_steps=args.max_steps, episodes=args.episodes, frames=None)

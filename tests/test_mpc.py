@@ -171,6 +171,25 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
     assert np.isfinite(arrays["expert_action"]).all()                        # labelled whoever drove
 
 
+def test_the_prior_alone_collects_labelled_drives_and_the_expert_is_refused(tiny_models, tmp_path):
+    drive = [sys.executable, str(ROOT / "drive_mpc.py"), "--models-dir", str(tiny_models), "--headless",
+             "--episodes", "1", "--seed", "3", "--max-steps", "6", "--workers", "1", "--precision", "fp32"]
+    r = subprocess.run([*drive, "--policy", "prior", "--collect", str(tmp_path / "d")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = (tmp_path / "d").glob("*.npz")
+    arrays, meta = read_episode(path)
+    assert len(arrays["obs"]) == 6 and meta["track_seed"] >= 1_000_000 and np.isfinite(arrays["expert_action"]).all()
+    # The prior drove: fed the frames it saw, in order, it chooses every action the episode holds.
+    spec = {"policy": "prior", "device": "cpu", "mpc": {"compile": "off"},
+            **{k: str(tiny_models / f"{name}_final.pth") for k, name in
+               (("encoder", "encoder"), ("predictor", "predictor"), ("cost", "cost_model"), ("prior", "prior"))}}
+    alone = planner.PriorPolicy(drive_mpc.load_mpc(spec))
+    alone.reset(np.random.default_rng(0))
+    assert np.allclose([alone.act(f)[0] for f in arrays["obs"]], arrays["action"], atol=1e-6)
+    r = subprocess.run([*drive, "--policy", "expert", "--collect", str(tmp_path / "e")], capture_output=True, text=True)
+    assert r.returncode != 0 and "collect_race_data.py" in r.stderr
+
+
 def test_bf16_planning_rounds_only_the_layers_and_ranks_plans_as_float32_does():
     torch.manual_seed(0)
     models = {"predictor": Predictor(16, 32, 2, 1), "cost": CostModel(16, 16), "prior": ExpertPrior(16, 16)}
