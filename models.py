@@ -1,6 +1,6 @@
 """Every network of the pipeline, and the one checkpoint format they share.
 
-    TinyEncoder   uint8 frame [B,64,64,3] -> latent [B,D]          (ResNet18 from torchvision blocks)
+    TinyEncoder   uint8 frame [B,64,64,3] -> latent [B,D]          (ResNet18 basic blocks)
     Expander      latent [B,D] -> VICReg embedding [B,E]           (training only)
     TinyDecoder   latent [B,D] -> RGB [B,3,64,64] in 0..1          (debugging the latent by eye)
     Predictor     (z_{t-1}, z_t, a_t) -> z_{t+1}                    (the dream)
@@ -21,8 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock
-
 from presets import atomic_write
 
 CHECKPOINT_FORMAT = 1
@@ -52,8 +50,32 @@ def prepare_frames(obs: torch.Tensor, hud: str = "mask_score") -> torch.Tensor:
     return x
 
 
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al. 2016): two 3x3 convs with batch norm, plus the input (or its 1x1
+    projection when the shape changes). [B,c_in,H,W] -> [B,c,H/stride,W/stride].
+
+    Written here rather than imported from torchvision because importing torchvision costs every stage's
+    process about 1.5 s (it pulls in torch._dynamo); the names of its parts are torchvision's, so a
+    checkpoint's weights load either way (tests/test_encoder.py checks both against torchvision's block).
+    """
+
+    def __init__(self, c_in: int, c: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + skip)
+
+
 class TinyEncoder(nn.Module):
-    """ResNet18 (torchvision BasicBlocks, 2-2-2-2) for 64x64 frames: 3x3 stride-2 stem, no max-pool.
+    """ResNet18 (basic blocks, 2-2-2-2) for 64x64 frames: 3x3 stride-2 stem, no max-pool.
 
     [B,3(+2 coordinate),64,64] -> stem [B,w,32,32] -> layers [B,8w,4,4] -> global average pool -> [B,8w]
     -> latent [B,D].

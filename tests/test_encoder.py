@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_sources
-from models import CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
+from models import BasicBlock, CheckpointError, TinyDecoder, TinyEncoder, build, load_checkpoint, save_checkpoint
 from probes import LinearProbe, probe_report, r2_score, view_targets
 import train_decoder
 import train_encoder
@@ -143,6 +143,30 @@ def test_encoder_shapes_and_latent_size():
     z = enc(torch.randint(0, 255, (5, 64, 64, 3), dtype=torch.uint8))
     assert z.shape == (5, 32)
     assert TinyDecoder(latent=32, width=8)(z).shape == (5, 3, 64, 64)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_basic_block_is_torchvisions_weight_for_weight(stride):
+    """models.BasicBlock replaces torchvision's (whose import costs each stage ~1.5 s): checkpoints must load
+    across the two and compute the same thing, in training (batch statistics) and in eval mode."""
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+    down = lambda: torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=stride, bias=False),
+                                       torch.nn.BatchNorm2d(16))
+    torch.manual_seed(0)
+    theirs = TorchvisionBlock(8, 16, stride, down())
+    ours = BasicBlock(8, 16, stride, down())
+    with torch.no_grad():                    # non-trivial batch-norm parameters and running statistics
+        for name, t in theirs.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5)
+    ours.load_state_dict(theirs.state_dict(), strict=True)           # raises on any name or shape mismatch
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(4, 8, 12, 12)
+    for train in (True, False):
+        theirs.train(train), ours.train(train)
+        y = ours(x)
+        assert y.shape == (4, 16, 12 // stride, 12 // stride)
+        assert torch.equal(y, theirs(x))
 
 
 def test_resume_continues_the_run_exactly(tiny_data, tmp_path):
