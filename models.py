@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from presets import atomic_write
 
 CHECKPOINT_FORMAT = 1

@@ -145,23 +145,25 @@ def test_encoder_shapes_and_latent_size():
     assert TinyDecoder(latent=32, width=8)(z).shape == (5, 3, 64, 64)
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_basic_block_is_torchvisions_weight_for_weight(stride):
+@pytest.mark.parametrize("c_in,stride", [(16, 1), (8, 1), (8, 2)])
+def test_basic_block_is_torchvisions_weight_for_weight(c_in, stride):
     """models.BasicBlock replaces torchvision's (whose import costs each stage ~1.5 s): checkpoints must load
-    across the two and compute the same thing, in training (batch statistics) and in eval mode."""
+    across the two and compute the same thing, in training (batch statistics) and in eval mode, with the
+    identity skip and with the 1x1 projection (more channels, or a stride)."""
     from torchvision.models.resnet import BasicBlock as TorchvisionBlock
-    down = lambda: torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=stride, bias=False),
-                                       torch.nn.BatchNorm2d(16))
+    project = c_in != 16 or stride != 1
+    down = lambda: torch.nn.Sequential(torch.nn.Conv2d(c_in, 16, 1, stride=stride, bias=False),  # noqa: E731
+                                       torch.nn.BatchNorm2d(16)) if project else None
     torch.manual_seed(0)
-    theirs = TorchvisionBlock(8, 16, stride, down())
-    ours = BasicBlock(8, 16, stride, down())
+    theirs = TorchvisionBlock(c_in, 16, stride, down())
+    ours = BasicBlock(c_in, 16, stride, down())
     with torch.no_grad():                    # non-trivial batch-norm parameters and running statistics
-        for name, t in theirs.state_dict().items():
+        for t in theirs.state_dict().values():
             if t.is_floating_point():
                 t.copy_(torch.rand_like(t) + 0.5)
     ours.load_state_dict(theirs.state_dict(), strict=True)           # raises on any name or shape mismatch
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(4, 8, 12, 12)
+    x = torch.randn(4, c_in, 12, 12)
     for train in (True, False):
         theirs.train(train), ours.train(train)
         y = ours(x)
