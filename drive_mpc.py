@@ -324,7 +324,9 @@ def parser():
     # (pipeline models after the on-policy round, tuning tracks 500-511): 691.0 +- 129.1 against 609.1 +- 149.5
     # with progress and road at weight 1. Before that round it could not drive alone (README, Results).
     g.add_argument("--w-progress", type=float, default=0.0, help="energy weight of predicted progress")
-    g.add_argument("--w-road", type=float, default=0.0, help="energy weight of predicted off-road")
+    g.add_argument("--w-road", type=float, default=0.0,
+                   help="energy weight of predicted off-road (3 and more left the car standing on some tracks: "
+                        "a dream that stands still never leaves the road; README, session 38)")
     g.add_argument("--w-expert", type=float, default=1.0, help="energy weight of the discriminator")
     g.add_argument("--discount", type=float, default=1.0, help="per-step discount of the energy")
     # 1 by measurement with train_prior.py's default prior (README, "The expert prior"; tuning tracks 500-511
