@@ -161,8 +161,7 @@ def test_basic_block_is_torchvisions_weight_for_weight(c_in, stride):
         for t in theirs.state_dict().values():
             if t.is_floating_point():
                 t.copy_(torch.rand_like(t) + 0.5)
-    ours.load_state_dict(theirs.state_dict(), strict=True)           # raises on any name or shape mismatch
-    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours.load_state_dict(theirs.state_dict(), strict=True)   # raises on a missing, extra or misshapen tensor
     x = torch.randn(4, c_in, 12, 12)
     for train in (True, False):
         theirs.train(train), ours.train(train)
