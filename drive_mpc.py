@@ -249,7 +249,8 @@ def main(args):
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
-                    "w_prior": args.w_prior, "precision": args.precision, "compile": args.compile}}
+                    "w_prior": args.w_prior, "prior_steps": args.prior_steps, "precision": args.precision,
+                    "compile": args.compile}}
     if args.record:
         check_record_path(args.record)
     if args.policy == "prior" and not base["prior"]:
@@ -333,6 +334,11 @@ def parser():
     # and 512-523: 804.9 +- 99.6 and 806.9 +- 106.0 against 798.0 +- 82.8 and 770.4 +- 181.2 at 3).
     g.add_argument("--w-prior", type=float, default=1.0,
                    help="energy weight of the squared distance between a plan's actions and the prior's")
+    # 5 by measurement (README, "Session 39"): the run-13 car on tuning tracks 500-531, 864.2 +- 56.2 against
+    # 807.6 +- 121.2 with the whole horizon (15).
+    g.add_argument("--prior-steps", type=int, default=5,
+                   help="the prior's term covers the dream's first N steps only (0: all; its guess in dreamt "
+                        "states fades with the steps)")
     # auto by measurement (README, "Planning time"): on a CPU with native bfloat16 it plans 7-27% faster
     # and scored the same (session 10's models, tracks 0-29: bf16 minus fp32 +28.5, SE 29.8).
     g.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],

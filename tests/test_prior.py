@@ -34,9 +34,9 @@ class FlatJudge:
         return {"progress": torch.zeros_like(big), "road": big, "expert": big}
 
 
-def prior_policy(planner="icem"):
+def prior_policy(planner="icem", prior_steps=0):
     p = MPCPolicy(ZeroEncoder(), ActionEcho(), FlatJudge(), "cpu", planner=planner, samples=600, horizon=6,
-                  prior=HalfPlusC(), w_prior=1.0)
+                  prior=HalfPlusC(), w_prior=1.0, prior_steps=prior_steps)
     p.reset(np.random.default_rng(0))
     return p
 
@@ -57,17 +57,21 @@ def test_the_prior_plan_is_its_closed_loop_drive_in_the_dream():
     np.testing.assert_allclose(plan, closed_loop(), atol=1e-6)
 
 
-def test_the_energy_charges_the_squared_distance_to_the_prior_in_each_dreamt_state():
-    p = prior_policy()
-    seqs = np.random.default_rng(0).uniform(-1, 1, (5, 6, 2)).astype(np.float32)
+@pytest.mark.parametrize("prior_steps,counted", [(0, 6), (3, 3), (6, 6), (9, 6)])
+def test_the_energy_charges_the_squared_distance_to_the_prior_in_each_dreamt_state(prior_steps, counted):
+    p = prior_policy(prior_steps=prior_steps)
+    seqs = np.random.default_rng(0).uniform(-1, 1, (6, 6, 2)).astype(np.float32)
     seqs[0] = closed_loop()
+    seqs[5, :counted] = closed_loop()[:counted]                       # the prior's own plan where it is counted
     with torch.inference_mode():
         e = p.energy(torch.zeros(1, 2, 2), seqs).numpy()
     # In the echo world the state of step h shows action h-1 and the one before it action h-2.
-    shown = np.concatenate([np.zeros((5, 2, 2), np.float32), seqs[:, :-1]], 1)           # [5,H+1,2]
+    shown = np.concatenate([np.zeros((6, 2, 2), np.float32), seqs[:, :-1]], 1)           # [6,H+1,2]
     want = np.clip(0.5 * shown[:, 1:] + 0.25 * shown[:, :-1] + C.numpy(), -1, 1)
-    np.testing.assert_allclose(e, ((seqs - want) ** 2).sum((1, 2)), rtol=1e-4, atol=1e-4)
-    assert e[0] == pytest.approx(0.0, abs=1e-6) and (e[1:] > 0.1).all()
+    np.testing.assert_allclose(e, ((seqs - want) ** 2)[:, :counted].sum((1, 2)), rtol=1e-4, atol=1e-4)
+    # Only the first `counted` steps cost: a plan that leaves the prior after them costs nothing either.
+    assert e[0] == pytest.approx(0.0, abs=1e-6) and (e[1:5] > 0.1).all()
+    assert e[5] == pytest.approx(0.0, abs=1e-6)
     p.w_prior = 0.0                                                   # the weight switches it off
     with torch.inference_mode():
         assert float(p.energy(torch.zeros(1, 2, 2), seqs).abs().max()) < 1e-6
