@@ -335,7 +335,7 @@ def parser():
     g.add_argument("--w-prior", type=float, default=1.0,
                    help="energy weight of the squared distance between a plan's actions and the prior's")
     # 5 by measurement (README, "Session 39"): the run-13 car on tuning tracks 500-531, 864.2 +- 56.2 against
-    # 807.6 +- 121.2 with the whole horizon (15).
+    # 807.6 +- 121.2 with the whole horizon (0); over 0-99 812.9 against 794.1, within the noise (SE 23.9).
     g.add_argument("--prior-steps", type=int, default=5,
                    help="the prior's term covers the dream's first N steps only (0: all; its guess in dreamt "
                         "states fades with the steps)")

@@ -74,7 +74,7 @@ class MPCPolicy:
         self.discount = torch.tensor([discount ** h for h in range(horizon)], device=device)
         # The prior's term covers the dream's first prior_steps steps only (0: all of them). Read from dreamt
         # states, the prior's steering tells less with every step (README, "Session 39": R^2 against the
-        # expert's label 0.31 at step 1, 0.07 at step 5, none from step 8 on), so later steps only add noise.
+        # expert's label 0.31 at step 1, 0.07 at step 5, none from step 8 on): later, the term charges little but noise.
         self.prior_mask = (torch.arange(horizon, device=device) < (prior_steps or horizon)).float()     # [H]
         self.judge, self.prior_dream = self._judge, self._prior_dream
         self.compiled = compile_dream(compile, device, predictor) and self._compile()
