@@ -150,6 +150,8 @@ def episode_summary(ep: dict) -> dict:
     wrong_way_share: control steps on the road facing against the track (|heading error| > pi/2). A frame
     shows which way the track runs only faintly (probes.facing_forward), so after a spin the car can
     drive the lap backwards, on the road and looking like the expert, reaching no new tiles.
+    steer_change: the mean |change of steering| from one control step to the next; label_steer_change the
+    same for the expert's labels in the states the car visited: how much more the car saws at the wheel.
     """
     import torch
     from probes import facing_forward
@@ -157,7 +159,9 @@ def episode_summary(ep: dict) -> dict:
     r = {"score": ep["score"], "tiles_fraction": ep["tiles_fraction"], "lap_finished": ep["lap_finished"],
          "steps": len(ep["obs"]), "off_road_share": float(1 - ep["on_road"].mean()),
          "wrong_way_share": float((ep["on_road"] & backwards).mean()),
-         "median_speed": float(np.median(ep["speed"]))}
+         "median_speed": float(np.median(ep["speed"])),
+         **{name: float(np.abs(np.diff(ep[key][:, 0])).mean()) if len(ep[key]) > 1 else 0.0
+            for name, key in (("steer_change", "action"), ("label_steer_change", "expert_action"))}}
     if "plan_ms" in ep:
         r["plan_ms"] = ep["plan_ms"].tolist()
     return r
@@ -183,6 +187,7 @@ def evaluate(base: dict, seeds: list[int], workers: int = 1) -> dict:
               "off_road_share": [round(r["off_road_share"], 4) for r in results],
               "wrong_way_share": [round(r["wrong_way_share"], 4) for r in results],
               "median_speed": [round(r["median_speed"], 2) for r in results],
+              **{key: [round(r[key], 4) for r in results] for key in ("steer_change", "label_steer_change")},
               "control_period": CONTROL_PERIOD}
     if base["policy"] != "expert":
         ms = np.concatenate([r["plan_ms"] for r in results])
@@ -249,8 +254,8 @@ def main(args):
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
-                    "w_prior": args.w_prior, "prior_steps": args.prior_steps, "precision": args.precision,
-                    "compile": args.compile}}
+                    "w_prior": args.w_prior, "prior_steps": args.prior_steps, "w_smooth": args.w_smooth,
+                    "precision": args.precision, "compile": args.compile}}
     if args.record:
         check_record_path(args.record)
     if args.policy == "prior" and not base["prior"]:
@@ -339,6 +344,8 @@ def parser():
     g.add_argument("--prior-steps", type=int, default=5,
                    help="the prior's term covers the dream's first N steps only (0: all; its guess in dreamt "
                         "states fades with the steps)")
+    g.add_argument("--w-smooth", type=float, default=0.0,
+                   help="energy weight of the squared change of the action between control steps")
     # auto by measurement (README, "Planning time"): on a CPU with native bfloat16 it plans 7-27% faster
     # and scored the same (session 10's models, tracks 0-29: bf16 minus fp32 +28.5, SE 29.8).
     g.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],

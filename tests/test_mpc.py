@@ -155,7 +155,7 @@ def test_an_episode_drives_headless_end_to_end_and_reports_every_field(tiny_mode
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(out.read_text())
     for key in ("scores", "mean", "std", "sem", "tiles_fraction", "lap_finished", "off_road_share", "wrong_way_share",
-                "median_speed", "plan_ms_median", "plan_ms_p95", "prior"):
+                "median_speed", "steer_change", "label_steer_change", "plan_ms_median", "plan_ms_p95", "prior"):
         assert key in report
     assert report["seeds"] == [7] and report["plan_ms_median"] > 0 and report["policy"] == policy
     assert report["prior"] == (None if prior == "none" else str(tiny_models / "prior_final.pth"))
@@ -236,7 +236,7 @@ def test_the_compiled_dream_judges_and_plans_as_the_uncompiled_one(monkeypatch, 
     # shapes, guards), which is what breaks when the dream's code changes. Inductor's own numbers are
     # checked by the scores it drives (README, "Planning time").
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    plain, compiled = tiny_policy("off"), tiny_policy("on")
+    plain, compiled = tiny_policy("off", w_smooth=0.5), tiny_policy("on", w_smooth=0.5)   # every term
     assert not plain.compiled and compiled.compiled and "dream compiled" in capsys.readouterr().out
     assert compiled.judge is not compiled._judge and compiled.prior_dream is not compiled._prior_dream
     hist = torch.randn(1, 2, 16)
@@ -308,9 +308,12 @@ def test_score_summary_gives_the_standard_error_of_the_mean():
 def test_episode_summary_counts_driving_the_wrong_way_on_the_road():
     ep = {"score": 1.0, "tiles_fraction": 0.5, "lap_finished": False, "obs": np.zeros((4, 64, 64, 3), np.uint8),
           "on_road": np.array([True, True, True, False]), "speed": np.array([10.0, 20.0, 30.0, 40.0]),
-          "heading_err": np.array([0.1, 3.0, -2.0, 3.1])}   # forward, backwards, backwards, backwards off-road
+          "heading_err": np.array([0.1, 3.0, -2.0, 3.1]),   # forward, backwards, backwards, backwards off-road
+          "action": np.array([[0.0, 1, 0], [0.5, 1, 0], [-0.5, 0, 0], [-0.5, 0, 1]]),
+          "expert_action": np.array([[0.1, 1, 0], [0.2, 0, 0], [0.2, 0, 0], [0.5, 0, 0]])}
     r = drive_mpc.episode_summary(ep)
     assert r["wrong_way_share"] == 0.5 and r["off_road_share"] == 0.25 and r["median_speed"] == 25.0
+    assert r["steer_change"] == pytest.approx(1.5 / 3) and r["label_steer_change"] == pytest.approx(0.4 / 3)
     assert "plan_ms" not in r
 
 
