@@ -254,8 +254,8 @@ def main(args):
             "mpc": {"planner": args.planner, "samples": args.samples, "horizon": args.horizon, "beta": args.beta,
                     "sigma": args.sigma, "iterations": args.iterations, "w_progress": args.w_progress,
                     "w_road": args.w_road, "w_expert": args.w_expert, "discount": args.discount,
-                    "w_prior": args.w_prior, "prior_steps": args.prior_steps, "w_smooth": args.w_smooth,
-                    "precision": args.precision, "compile": args.compile}}
+                    "w_prior": args.w_prior, "prior_steps": args.prior_steps, "precision": args.precision,
+                    "compile": args.compile}}
     if args.record:
         check_record_path(args.record)
     if args.policy == "prior" and not base["prior"]:
@@ -344,8 +344,6 @@ def parser():
     g.add_argument("--prior-steps", type=int, default=5,
                    help="the prior's term covers the dream's first N steps only (0: all; its guess in dreamt "
                         "states fades with the steps)")
-    g.add_argument("--w-smooth", type=float, default=0.0,
-                   help="energy weight of the squared change of the action between control steps")
     # auto by measurement (README, "Planning time"): on a CPU with native bfloat16 it plans 7-27% faster
     # and scored the same (session 10's models, tracks 0-29: bf16 minus fp32 +28.5, SE 29.8).
     g.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],

@@ -56,7 +56,7 @@ class MPCPolicy:
                  horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
                  discount: float = 1.0, prior=None, w_prior: float = 1.0, prior_steps: int = 5,
-                 w_smooth: float = 0.0, precision: str = "fp32", compile: str = "off"):
+                 precision: str = "fp32", compile: str = "off"):
         import torch
         reuse_freed_memory()            # each plan allocates and frees MBs of activations: keep them for reuse
         self.torch, self.device = torch, device
@@ -70,7 +70,7 @@ class MPCPolicy:
         self.planner, self.samples, self.horizon, self.beta, self.sigma = planner, samples, horizon, beta, sigma
         self.iterations, self.elite_frac = iterations, elite_frac
         self.history = getattr(predictor, "history", 1)      # past latents the predictor reads beside z_t
-        self.w, self.w_smooth = (w_progress, w_road, w_expert), w_smooth
+        self.w = (w_progress, w_road, w_expert)
         self.discount = torch.tensor([discount ** h for h in range(horizon)], device=device)
         # The prior's term covers the dream's first prior_steps steps only (0: all of them). Read from dreamt
         # states, the prior's steering tells less with every step (README, "Session 39": R^2 against the
@@ -84,11 +84,10 @@ class MPCPolicy:
         self.seen = []                                       # the last history+1 latents, oldest first
         self.plan = np.zeros((self.horizon, 2), np.float32)   # (steer, longitudinal) per step
         self.elites = None
-        self.last = self.torch.zeros(1, 2, device=self.device)  # the action executed last, (steer, longitudinal)
 
     def energy(self, hist, seqs: np.ndarray):
         """hist [1,history+1,D], seqs [N,H,2] -> energy [N] of each sequence's predicted future."""
-        return self.judge(hist, self.torch.from_numpy(seqs).to(self.device), self.last)
+        return self.judge(hist, self.torch.from_numpy(seqs).to(self.device))
 
     def env_actions(self, plan):
         """carenv.longitudinal_to_action in torch, for the dream (compiled with it): plan [...,2] (steer,
@@ -96,9 +95,9 @@ class MPCPolicy:
         lon = plan[..., 1:].clamp(-1, 1)
         return self.torch.cat([plan[..., :1].clamp(-1, 1), lon.clamp_min(0), (-lon).clamp_min(0)], -1)
 
-    def _judge(self, hist, seqs, last):
+    def _judge(self, hist, seqs):
         """The dream and its judgment in torch alone (what --compile compiles): hist [1,history+1,D],
-        seqs [N,H,2] (steer, longitudinal), last [1,2] the action executed last -> energy [N]."""
+        seqs [N,H,2] (steer, longitudinal) -> energy [N]."""
         torch, F = self.torch, self.torch.nn.functional
         n = len(seqs)
         z = self.predictor.rollout(hist.expand(n, -1, -1), self.env_actions(seqs))                   # [N,H,D]
@@ -118,11 +117,6 @@ class MPCPolicy:
             seen = torch.cat([hist[:, -2:].expand(n, 2, -1), z[:, :-1]], 1)                       # [N,H+1,D]
             want = self.prior(seen[:, :-1], seen[:, 1:]).clamp(-1, 1)                             # [N,H,2]
             step = step + self.w_prior * self.prior_mask * (seqs - want).pow(2).sum(-1)
-        if self.w_smooth:
-            # The squared change of the action from one control step to the next, the first against the
-            # action executed last: a plan that jerks the wheel costs more than one that turns in steadily.
-            before = torch.cat([last.expand(n, 1, 2), seqs[:, :-1]], 1)                              # [N,H,2]
-            step = step + self.w_smooth * (seqs - before).pow(2).sum(-1)
         return (step * self.discount).sum(1)
 
     def _compile(self) -> bool:
@@ -141,9 +135,8 @@ class MPCPolicy:
             # freezing through the config: measured, torch.compile(options={"freezing": True}) planned no faster
             with torch.inference_mode(), torch._inductor.config.patch(freezing=True):
                 hist = torch.zeros(1, self.history + 1, len(self.predictor.mu), device=self.device)
-                last = torch.zeros(1, 2, device=self.device)
                 for n in (per, per + 1):
-                    judge(hist, torch.zeros(n, self.horizon, 2, device=self.device), last)
+                    judge(hist, torch.zeros(n, self.horizon, 2, device=self.device))
                 if self.prior is not None:
                     prior_dream(hist)
         except Exception as e:                                     # whatever inductor raises, plan uncompiled
@@ -218,7 +211,6 @@ class MPCPolicy:
                 self.plan = self.prior_plan(hist)
             best, energy = self._icem(hist) if self.planner == "icem" else self._shooting(hist)
         self.plan = np.concatenate([best[1:], best[-1:]]).astype(np.float32)  # receding horizon warm start
-        self.last = torch.from_numpy(np.asarray(best[:1], np.float32)).to(self.device)                # [1,2]
         action = longitudinal_to_action(best[0, 0], best[0, 1])
         return action, {"energy": np.float32(energy), "plan_ms": np.float32(1000 * (time.perf_counter() - t0))}
 

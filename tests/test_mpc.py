@@ -236,7 +236,7 @@ def test_the_compiled_dream_judges_and_plans_as_the_uncompiled_one(monkeypatch, 
     # shapes, guards), which is what breaks when the dream's code changes. Inductor's own numbers are
     # checked by the scores it drives (README, "Planning time").
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    plain, compiled = tiny_policy("off", w_smooth=0.5), tiny_policy("on", w_smooth=0.5)   # every term
+    plain, compiled = tiny_policy("off"), tiny_policy("on")
     assert not plain.compiled and compiled.compiled and "dream compiled" in capsys.readouterr().out
     assert compiled.judge is not compiled._judge and compiled.prior_dream is not compiled._prior_dream
     hist = torch.randn(1, 2, 16)

@@ -77,25 +77,6 @@ def test_the_energy_charges_the_squared_distance_to_the_prior_in_each_dreamt_sta
         assert float(p.energy(torch.zeros(1, 2, 2), seqs).abs().max()) < 1e-6
 
 
-def test_the_smoothness_term_charges_each_change_of_action_from_the_one_executed_last(monkeypatch):
-    p = MPCPolicy(ZeroEncoder(), ActionEcho(), FlatJudge(), "cpu", planner="shooting", samples=60, horizon=6,
-                  w_smooth=2.0)
-    p.reset(np.random.default_rng(0))
-    np.testing.assert_array_equal(p.last.numpy(), [[0.0, 0.0]])           # a new track starts from rest
-    p.last = torch.tensor([[0.2, -0.5]])
-    seqs = np.random.default_rng(1).uniform(-1, 1, (5, 6, 2)).astype(np.float32)
-    seqs[0] = [0.2, -0.5]                                                 # holding the last action costs nothing
-    with torch.inference_mode():
-        e = p.energy(torch.zeros(1, 2, 2), seqs).numpy()
-    before = np.concatenate([np.broadcast_to([[[0.2, -0.5]]], (5, 1, 2)), seqs[:, :-1]], 1)
-    np.testing.assert_allclose(e, 2.0 * ((seqs - before) ** 2).sum((1, 2)), rtol=1e-5, atol=1e-6)
-    assert e[0] == pytest.approx(0.0, abs=1e-6) and (e[1:] > 0.5).all()
-    best = np.stack([np.linspace(-1, 1, 6), np.linspace(0.5, -1, 6)], 1).astype(np.float32)
-    monkeypatch.setattr(p, "_shooting", lambda hist: (best, 0.0))
-    p.act(np.zeros((64, 64, 3), np.uint8))
-    np.testing.assert_allclose(p.last.numpy(), best[:1])                 # the next plan is charged from this one
-
-
 @pytest.mark.parametrize("planner", ["shooting", "icem"])
 def test_with_a_flat_judge_the_planner_follows_the_prior(planner):
     action, _ = prior_policy(planner).act(np.zeros((64, 64, 3), np.uint8))
