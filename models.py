@@ -27,27 +27,32 @@ from presets import atomic_write
 CHECKPOINT_FORMAT = 1
 HUD_ROWS = 8                        # the bottom 8 of 64 rows are the heads-up display (12 of 96)
 SCORE_COLS = 7                      # ... whose left 7 columns are the score digits (the speed bar is at 8-9)
+STEER_GAUGE = (slice(56, 62), slice(24, 40))   # ... rows, columns of the steering gauge (the green bar: 57-60, 25-38)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or of another kind or architecture."""
 
 
-def prepare_frames(obs: torch.Tensor, hud: str = "mask_score") -> torch.Tensor:
+def prepare_frames(obs: torch.Tensor, hud: str = "mask_steer") -> torch.Tensor:
     """uint8 [B,64,64,3] (or float 0..1 [B,3,64,64]) -> float [B,3,64,64] in 0..1, HUD handled.
 
     hud: "keep" everything, "mask_score" blanks the score digits (a slow distractor: they encode
-    time, not the scene), "mask" blanks the whole HUD bar (speed/steer/yaw gauges included).
+    time, not the scene), "mask_steer" the digits and the steering gauge (the front wheels' angle, an echo
+    of the steering already held, which a prior cloned from the expert learns to copy: README, "Session 42"),
+    "mask" the whole HUD bar (speed/steer/yaw gauges included).
     """
     x = obs.permute(0, 3, 1, 2).float().div_(255) if obs.dtype == torch.uint8 else obs
-    if hud == "mask_score":
+    if hud in ("mask_score", "mask_steer"):
         x = x.clone()
         x[:, :, -HUD_ROWS:, :SCORE_COLS] = 0
+        if hud == "mask_steer":
+            x[:, :, STEER_GAUGE[0], STEER_GAUGE[1]] = 0
     elif hud == "mask":
         x = x.clone()
         x[:, :, -HUD_ROWS:, :] = 0
     elif hud != "keep":
-        raise ValueError(f"hud must be keep, mask_score or mask, got {hud!r}")
+        raise ValueError(f"hud must be keep, mask_score, mask_steer or mask, got {hud!r}")
     return x
 
 
@@ -83,7 +88,7 @@ class TinyEncoder(nn.Module):
     width=64, latent=512 is the seed's ResNet18; smaller widths make the CPU presets.
     """
 
-    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_score", coords: bool = True,
+    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_steer", coords: bool = True,
                  pool: str = "avg"):
         super().__init__()
         if pool not in ("avg", "flatten"):

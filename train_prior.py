@@ -32,12 +32,18 @@ from train_predictor import latent_caches
 EXPERT_SOURCES = ("race", "recovery")
 
 
-def expert_steps(cache) -> dict:
+FORWARD_HEADING = 0.5    # rad: an on-policy step teaches the prior only on the road within this of the track's way
+
+
+def expert_steps(cache, onpolicy_steps: str = "forward") -> dict:
     """Every step with the expert's action as its target: z_prev, z_now [N,D], target [N,2] (steer, longitudinal).
 
     Race and recovery: the expert's own steps outside the injected mistakes (the action it held). The MPC's
-    drives (the onpolicy sources): every step labelled with what the expert would have done there
+    drives (the onpolicy sources): the steps labelled with what the expert would have done there
     (expert_action, episode format 2), so the prior also learns the states its own driving leads to.
+    onpolicy_steps "forward" keeps only those on the road facing along the track: facing the wrong way the
+    expert steers to full lock to turn round, off the road it steers towards a track the frame may not
+    show, and a frame hardly tells either from driving on (README, "Session 42"); "all" keeps every one.
     """
     parts = []
     for s, name in enumerate(cache.data.names):
@@ -52,6 +58,8 @@ def expert_steps(cache) -> dict:
         else:
             label = w["expert_action"][:, 0]                # [N,3]; NaN in drives collected before the label
             keep = np.isfinite(label).all(1)
+            if onpolicy_steps == "forward":
+                keep &= w["on_road"][:, 0].astype(bool) & (np.abs(w["heading_err"][:, 0]) < FORWARD_HEADING)
             a = label[keep]
         if keep.any():
             parts.append({"z_prev": w["z"][keep, 0], "z_now": w["z"][keep, 1],
@@ -78,8 +86,8 @@ def main(args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_cache, val_cache, enc = latent_caches(args.encoder, data_dirs(args), args.val_frac, args.seed, device)
-    train = {k: v.to(device) for k, v in expert_steps(train_cache).items()}
-    val = {k: v.to(device) for k, v in expert_steps(val_cache).items()}
+    train = {k: v.to(device) for k, v in expert_steps(train_cache, args.onpolicy_steps).items()}
+    val = {k: v.to(device) for k, v in expert_steps(val_cache, args.onpolicy_steps).items()}
     model = ExpertPrior(enc["config"]["latent"], args.hidden, args.members).to(device)
     x = torch.cat([train["z_prev"], train["z_now"]], 1)
     model.set_normalisation(x.mean(0), x.std(0))
@@ -112,6 +120,9 @@ def parser():
     # Nearly every expert episode: held-out laps are coverage the prior lacks (README, "The expert prior":
     # tuning tracks 500-511, 798.0 +- 82.8 with 2% held out against 775.1 +- 96.2 with the usual 10%).
     p.set_defaults(val_frac=0.02)
+    p.add_argument("--onpolicy-steps", default="forward", choices=["forward", "all"],
+                   help="which labelled steps of --onpolicy-dirs teach the prior: on the road facing along the "
+                        "track, or every one")
     g = add_head_args(p)
     g.add_argument("--members", type=int, default=None, help="networks averaged (different initialisations)")
     return p

@@ -145,6 +145,30 @@ def test_encoder_shapes_and_latent_size():
     assert TinyDecoder(latent=32, width=8)(z).shape == (5, 3, 64, 64)
 
 
+def test_mask_steer_blanks_the_steering_gauge_and_keeps_the_other_gauges():
+    """On real frames steering left and right: every gauge-green pixel is blanked, the gyro's red is not."""
+    import numpy as np
+    from carenv import make_env, to_model_frame
+    from models import prepare_frames
+    env, frames = make_env(), []
+    for steer in (-1.0, 1.0):
+        env.reset(seed=3)
+        for a in [(0.0, 0.5, 0.0)] * 50 + [(steer, 0.3, 0.0)] * 12:
+            obs = env.step(np.array(a, np.float32))[0]
+        frames.append(to_model_frame(obs))
+    env.close()
+    x = torch.from_numpy(np.stack(frames))
+    kept, masked = prepare_frames(x, "mask_score"), prepare_frames(x, "mask_steer")
+    r, g, b = kept[:, 0], kept[:, 1], kept[:, 2]
+    hud = torch.arange(64).view(1, 64, 1) >= 56                     # the HUD's rows (grass and kerbs above)
+    green = hud & (g > r + 0.15) & (g > b + 0.15)                    # [2,64,64] the gauge's bar
+    red = hud & (r > g + 0.15) & (r > b + 0.15)                      # the gyro's bar, to its right
+    assert green[0].any() and green[1].any() and red.any()
+    assert (masked.permute(1, 0, 2, 3)[:, green] == 0).all()
+    assert torch.equal(masked.permute(1, 0, 2, 3)[:, red], kept.permute(1, 0, 2, 3)[:, red])
+    assert torch.equal(masked[:, :, :56], kept[:, :, :56])             # the scene above the HUD untouched
+
+
 @pytest.mark.parametrize("c_in,stride", [(16, 1), (8, 1), (8, 2)])
 def test_basic_block_is_torchvisions_weight_for_weight(c_in, stride):
     """models.BasicBlock replaces torchvision's (whose import costs each stage ~1.5 s): checkpoints must load

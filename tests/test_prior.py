@@ -112,13 +112,21 @@ def test_the_mpc_drives_teach_the_prior_with_the_experts_labels(tmp_path):
         ep, meta = read_episode(p)
         ep["expert_action"][:] = label
         ep["mistake"][:] = 1                                             # not what decides for the MPC's drives
+        ep["on_road"][:], ep["heading_err"][:] = True, 0.1
+        ep["on_road"][3:6] = False                                       # off the road
+        ep["heading_err"][8:11] = 3.0                                    # on it, facing the wrong way
+        ep["heading_err"][12] = -0.6                                     # just past FORWARD_HEADING
         write_episode(p, ep, meta)
-    cache = LatentCache(EpisodeData(dirs, "all"), "k", 1, lambda f: f[:, 0, :1, 0].astype(np.float32))
-    t = expert_steps(cache)
-    tags = t["z_now"][:, 0].numpy()
-    assert set(np.unique(tags)) == {0, 60, 200}                         # race, recovery, the labelled drive
-    mine = t["target"][torch.from_numpy(tags == 200)]
-    assert len(mine) == 19 and torch.allclose(mine, torch.tensor([0.5, 0.25]))   # the label, not the action
+    # latent = pixels (0,0) and (0,1): the episode's tag and the row
+    cache = LatentCache(EpisodeData(dirs, "all"), "k", 2, lambda f: f[:, 0, :2, 0].astype(np.float32))
+    forward = [r for r in range(19) if r not in (3, 4, 5, 8, 9, 10, 12)]   # rows 0..18 have a t+1
+    for steps, rows in (("all", list(range(19))), ("forward", forward)):
+        t = expert_steps(cache, steps)
+        tags = t["z_now"][:, 0].numpy()
+        assert set(np.unique(tags)) == {0, 60, 200}                     # race, recovery, the labelled drive
+        mine = torch.from_numpy(tags == 200)
+        assert t["z_now"][mine, 1].tolist() == rows
+        assert torch.allclose(t["target"][mine], torch.tensor([0.5, 0.25]))   # the label, not the action
 
 
 def test_train_prior_end_to_end_writes_a_checkpoint_the_driver_can_check(tmp_path):
