@@ -34,13 +34,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, or of another kind or architecture."""
 
 
-def prepare_frames(obs: torch.Tensor, hud: str = "mask_steer") -> torch.Tensor:
+def prepare_frames(obs: torch.Tensor, hud: str = "mask_score") -> torch.Tensor:
     """uint8 [B,64,64,3] (or float 0..1 [B,3,64,64]) -> float [B,3,64,64] in 0..1, HUD handled.
 
     hud: "keep" everything, "mask_score" blanks the score digits (a slow distractor: they encode
     time, not the scene), "mask_steer" the digits and the steering gauge (the front wheels' angle, an echo
-    of the steering already held, which a prior cloned from the expert learns to copy: README, "Session 42"),
-    "mask" the whole HUD bar (speed/steer/yaw gauges included).
+    of the steering already held, which a prior cloned from the expert learned to copy: README, "Session
+    42"), "mask" the whole HUD bar (speed/steer/yaw gauges included).
     """
     x = obs.permute(0, 3, 1, 2).float().div_(255) if obs.dtype == torch.uint8 else obs
     if hud in ("mask_score", "mask_steer"):
@@ -88,7 +88,7 @@ class TinyEncoder(nn.Module):
     width=64, latent=512 is the seed's ResNet18; smaller widths make the CPU presets.
     """
 
-    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_steer", coords: bool = True,
+    def __init__(self, width: int = 64, latent: int = 512, hud: str = "mask_score", coords: bool = True,
                  pool: str = "avg"):
         super().__init__()
         if pool not in ("avg", "flatten"):

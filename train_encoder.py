@@ -311,7 +311,7 @@ def parser():
     g.add_argument("--width", type=int, default=None, help="ResNet base width (64 = ResNet18)")
     g.add_argument("--latent", type=int, default=None, help="latent size D")
     g.add_argument("--expander", type=int, default=None, help="VICReg expander width")
-    g.add_argument("--hud", default="mask_steer", choices=["keep", "mask_score", "mask_steer", "mask"],
+    g.add_argument("--hud", default="mask_score", choices=["keep", "mask_score", "mask_steer", "mask"],
                    help="what the encoder sees of the heads-up display")
     g.add_argument("--no-coords", action="store_true", help="no pixel-coordinate input channels")
     g.add_argument("--pool", default="avg", choices=["avg", "flatten"],

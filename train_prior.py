@@ -32,18 +32,19 @@ from train_predictor import latent_caches
 EXPERT_SOURCES = ("race", "recovery")
 
 
-FORWARD_HEADING = 0.5    # rad: an on-policy step teaches the prior only on the road within this of the track's way
+FORWARD_HEADING = 0.5    # rad: "forward" on-policy steps are on the road and within this of the track's way
 
 
-def expert_steps(cache, onpolicy_steps: str = "forward") -> dict:
+def expert_steps(cache, onpolicy_steps: str = "all") -> dict:
     """Every step with the expert's action as its target: z_prev, z_now [N,D], target [N,2] (steer, longitudinal).
 
     Race and recovery: the expert's own steps outside the injected mistakes (the action it held). The MPC's
     drives (the onpolicy sources): the steps labelled with what the expert would have done there
     (expert_action, episode format 2), so the prior also learns the states its own driving leads to.
-    onpolicy_steps "forward" keeps only those on the road facing along the track: facing the wrong way the
-    expert steers to full lock to turn round, off the road it steers towards a track the frame may not
-    show, and a frame hardly tells either from driving on (README, "Session 42"); "all" keeps every one.
+    onpolicy_steps "all" keeps every one; "forward" only those on the road facing along the track (facing
+    the wrong way the expert steers to full lock to turn round, off the road towards a track the frame may
+    not show, and a frame hardly tells either from driving on), which saved one car's DAgger prior and cost
+    another's (README, "Session 42").
     """
     parts = []
     for s, name in enumerate(cache.data.names):
@@ -120,7 +121,7 @@ def parser():
     # Nearly every expert episode: held-out laps are coverage the prior lacks (README, "The expert prior":
     # tuning tracks 500-511, 798.0 +- 82.8 with 2% held out against 775.1 +- 96.2 with the usual 10%).
     p.set_defaults(val_frac=0.02)
-    p.add_argument("--onpolicy-steps", default="forward", choices=["forward", "all"],
+    p.add_argument("--onpolicy-steps", default="all", choices=["all", "forward"],
                    help="which labelled steps of --onpolicy-dirs teach the prior: on the road facing along the "
                         "track, or every one")
     g = add_head_args(p)
