@@ -122,8 +122,8 @@ def parser():
     # tuning tracks 500-511, 798.0 +- 82.8 with 2% held out against 775.1 +- 96.2 with the usual 10%).
     p.set_defaults(val_frac=0.02)
     p.add_argument("--onpolicy-steps", default="all", choices=["all", "forward"],
-                   help="which labelled steps of --onpolicy-dirs teach the prior: on the road facing along the "
-                        "track, or every one")
+                   help="which labelled steps of --onpolicy-dirs teach the prior: every one, or only those on "
+                        "the road facing along the track")
     g = add_head_args(p)
     g.add_argument("--members", type=int, default=None, help="networks averaged (different initialisations)")
     return p
