@@ -28,6 +28,7 @@ CHECKPOINT_FORMAT = 1
 HUD_ROWS = 8                        # the bottom 8 of 64 rows are the heads-up display (12 of 96)
 SCORE_COLS = 7                      # ... whose left 7 columns are the score digits (the speed bar is at 8-9)
 STEER_GAUGE = (slice(56, 62), slice(24, 40))   # ... rows, columns of the steering gauge (the green bar: 57-60, 25-38)
+HUD_MODES = ("keep", "mask_score", "mask_steer", "mask")   # what prepare_frames can do with the HUD
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +53,7 @@ def prepare_frames(obs: torch.Tensor, hud: str = "mask_score") -> torch.Tensor:
         x = x.clone()
         x[:, :, -HUD_ROWS:, :] = 0
     elif hud != "keep":
-        raise ValueError(f"hud must be keep, mask_score, mask_steer or mask, got {hud!r}")
+        raise ValueError(f"hud must be one of {HUD_MODES}, got {hud!r}")
     return x
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_loader import BalancedBatches, EpisodeData, prefetch
-from models import Expander, TinyEncoder, load_checkpoint, load_weights, save_checkpoint
+from models import HUD_MODES, Expander, TinyEncoder, load_checkpoint, load_weights, save_checkpoint
 from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
 from probes import probe_report
 
@@ -311,7 +311,7 @@ def parser():
     g.add_argument("--width", type=int, default=None, help="ResNet base width (64 = ResNet18)")
     g.add_argument("--latent", type=int, default=None, help="latent size D")
     g.add_argument("--expander", type=int, default=None, help="VICReg expander width")
-    g.add_argument("--hud", default="mask_score", choices=["keep", "mask_score", "mask_steer", "mask"],
+    g.add_argument("--hud", default="mask_score", choices=HUD_MODES,
                    help="what the encoder sees of the heads-up display")
     g.add_argument("--no-coords", action="store_true", help="no pixel-coordinate input channels")
     g.add_argument("--pool", default="avg", choices=["avg", "flatten"],
