@@ -335,9 +335,11 @@ def parser():
                         "a dream that stands still never leaves the road; README, session 38)")
     g.add_argument("--w-expert", type=float, default=1.0, help="energy weight of the discriminator")
     g.add_argument("--discount", type=float, default=1.0, help="per-step discount of the energy")
-    # 1 by measurement with train_prior.py's default prior (README, "The expert prior"; tuning tracks 500-511
-    # and 512-523: 804.9 +- 99.6 and 806.9 +- 106.0 against 798.0 +- 82.8 and 770.4 +- 181.2 at 3).
-    g.add_argument("--w-prior", type=float, default=1.0,
+    # 10 by measurement on three cars of today's prior (README, "Session 44"; tuning tracks 500-531, minus weight
+    # 1 per track): the fifteenth run's +162.5 (SE 44.9), the sixteenth's +626.4 (SE 57.1; at 1 it stood still),
+    # the fifteenth's rebuilt with a blanked gauge +85.1 (SE 31.5). With the whole dream charged, 1 had beaten 3
+    # on the first runs' prior (README, "The expert prior").
+    g.add_argument("--w-prior", type=float, default=10.0,
                    help="energy weight of the squared distance between a plan's actions and the prior's")
     # 5 by measurement (README, "Session 39"): the run-13 car on tuning tracks 500-531, 864.2 +- 56.2 against
     # 807.6 +- 121.2 with the whole horizon (0); over 0-99 812.9 against 794.1, within the noise (SE 23.9).

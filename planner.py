@@ -55,7 +55,7 @@ class MPCPolicy:
     def __init__(self, encoder, predictor, cost, device, planner: str = "icem", samples: int = 1000,
                  horizon: int = 15, beta: float = 2.0, sigma: float = 0.5, iterations: int = 3,
                  elite_frac: float = 0.1, w_progress: float = 0.0, w_road: float = 0.0, w_expert: float = 1.0,
-                 discount: float = 1.0, prior=None, w_prior: float = 1.0, prior_steps: int = 5,
+                 discount: float = 1.0, prior=None, w_prior: float = 10.0, prior_steps: int = 5,
                  precision: str = "fp32", compile: str = "off"):
         import torch
         reuse_freed_memory()            # each plan allocates and frees MBs of activations: keep them for reuse
