@@ -337,8 +337,8 @@ def parser():
     g.add_argument("--discount", type=float, default=1.0, help="per-step discount of the energy")
     # 10 by measurement on three cars of today's prior (README, "Session 44"; tuning tracks 500-531, minus weight
     # 1 per track): the fifteenth run's +162.5 (SE 44.9), the sixteenth's +626.4 (SE 57.1; at 1 it stood still),
-    # the fifteenth's rebuilt with a blanked gauge +85.1 (SE 31.5). With the whole dream charged, 1 had beaten 3
-    # on the first runs' prior (README, "The expert prior").
+    # the fifteenth's rebuilt with a blanked gauge +85.1 (SE 31.5); held-out 0-99, the fifteenth's +69.0 (SE 19.9).
+    # With the whole dream charged, 1 had beaten 3 on the first runs' prior (README, "The expert prior").
     g.add_argument("--w-prior", type=float, default=10.0,
                    help="energy weight of the squared distance between a plan's actions and the prior's")
     # 5 by measurement (README, "Session 39"): the run-13 car on tuning tracks 500-531, 864.2 +- 56.2 against
