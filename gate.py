@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 from presets import (DAGGER_DIR, DAGGER_MODELS, DREAM_GIF, JUDGE_CHECK_DIR, JUDGE_CHOICE, JUDGE_KEPT, MODELS_DIR,
-                     ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR,
-                     atomic_write)
+                     ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_ALONE_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE,
+                     VISUALS_DIR, atomic_write)
 from report import read_json
 
 ATTEMPTS_FILE = "attempts.json"
@@ -43,9 +43,10 @@ def _keep(w: Path, means: dict[str, float], sources: dict[str, Path], dest: Path
     return choice
 
 
-def choose_prior(w: Path, last: Path) -> str:
+def choose_prior(w: Path, last: Path, retrained: Path | None = None) -> str:
     """Keep the prior whose driver scored more on the DAgger round's tracks: round 0's (the DAgger drives
-    themselves) or the one retrained on them (the check drives). Copies it to last/prior_final.pth and writes
+    themselves) or the one retrained on them (the check drives; `retrained`, by default last/dagger/'s, the last
+    round's of the prior alone under pipeline.py --prior-rounds). Copies it to last/prior_final.pth and writes
     last/prior_choice.json {"round0", "dagger", "kept", "score", "source"}.
 
     Why: the retrained prior moved the same run's car by -174 to +142 points a track (README, "Which prior
@@ -53,7 +54,8 @@ def choose_prior(w: Path, last: Path) -> str:
     """
     means = {"round0": read_json(w / DAGGER_DIR / "summary.json")["score_mean"],
              "dagger": read_json(w / PRIOR_CHECK_DIR / "summary.json")["score_mean"]}
-    sources = {"round0": w / MODELS_DIR / "prior_final.pth", "dagger": last / DAGGER_MODELS / "prior_final.pth"}
+    sources = {"round0": w / MODELS_DIR / "prior_final.pth",
+               "dagger": retrained or last / DAGGER_MODELS / "prior_final.pth"}
     c = _keep(w, means, sources, last / "prior_final.pth", last / PRIOR_CHOICE)
     return (f"DAgger round's tracks: round 0's prior {means['round0']:.1f}, retrained prior {means['dagger']:.1f}; "
             f"kept {c['source']}")
@@ -82,11 +84,16 @@ ATTEMPT_PATHS = (MODELS_DIR, VISUALS_DIR, *(f"{ONPOLICY_DIR}{r}" for r in range(
                  PRIOR_CHECK_DIR, JUDGE_CHECK_DIR, DREAM_GIF)
 
 
+def attempt_paths(w: Path) -> list[str]:
+    """What of w one attempt made: ATTEMPT_PATHS and its drives of the prior alone (pipeline.py --prior-rounds)."""
+    return [*ATTEMPT_PATHS, *sorted(p.name for p in w.glob(f"{PRIOR_ALONE_DIR}*"))]
+
+
 def shelve(w: Path, k: int) -> str:
     """Move attempt k's outputs (and a copy of its logs) to w/attempt{k}/; returns that folder's name."""
     dest = w / f"attempt{k}"
     dest.mkdir(exist_ok=True)
-    for name in ATTEMPT_PATHS:
+    for name in attempt_paths(w):
         if (w / name).exists():
             shutil.move(w / name, dest / name)
     shutil.copytree(w / "logs", dest / "logs", dirs_exist_ok=True)
@@ -96,7 +103,7 @@ def shelve(w: Path, k: int) -> str:
 def unshelve(w: Path, folder: str) -> None:
     """Put a shelved attempt's outputs and logs back in place (renames keep their times, so nothing reruns)."""
     src = w / folder
-    for name in ATTEMPT_PATHS:
+    for name in attempt_paths(src):
         if (src / name).exists():
             shutil.move(src / name, w / name)
     shutil.copytree(src / "logs", w / "logs", dirs_exist_ok=True)

@@ -21,6 +21,10 @@ the prior that drove them better, round 0's or the retrained one, is kept -> mod
 (-> data_judge_check/), and the judge that drove them better, the round's or the retrained one, is kept
 -> models/onpolicy{R}/cost_model_kept.pth (judge_choice.json). The final drive uses the last round's
 predictor, the kept judge and the kept prior.
+With --prior-rounds N, N rounds of DAgger of the prior alone come between the retrained prior and its check:
+round r's prior drives training tracks without the planner (-> data_prior_alone{r}/) and is trained again on
+the DAgger drives and every round's so far (-> models/onpolicy{R}/dagger/alone{r}/); the last is the one checked.
+--hud goes to the encoder and --prior-steps to every training of the prior on labelled drives.
 At small, the kept driver's mean on those tracks gates the run: under --gate (800) it trains again from the
 encoder on with the seed + 1000 (the data kept; the attempt's models and drives moved to attempt{k}/), at most
 --attempts times (3); the attempt with the best mean drives. attempts.json records each.
@@ -47,22 +51,35 @@ from pathlib import Path
 from typing import Callable
 
 from gate import ATTEMPTS_FILE, attempt_notes, choose_judge, choose_prior, last_round, next_attempt
+from models import HUD_MODES
 from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, JUDGE_CHECK_DIR, JUDGE_CHOICE, JUDGE_KEPT,
-                     MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_CHECK_DIR, PRIOR_CHOICE,
-                     VISUALS_DIR, common_parser, preset)
+                     MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_ALONE_DIR, PRIOR_ALONE_MODELS,
+                     PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
 from video import can_write_mp4, check_record_path
 
 HERE = Path(__file__).resolve().parent
-# In the seed's order, then the on-policy rounds; stages() builds them in this order.
-STAGES = ("collect_race_data", "collect_recovery_data", "collect_data", "train_encoder", "train_predictor",
-          "visualise_dream", "train_prior", "train_cost_model",
-          *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
-            for s in ("collect", "train_predictor", "train_cost_model")),
-          "collect_dagger", "train_prior_dagger", "train_cost_model_dagger", "check_prior", "choose_prior",
-          "check_judge", "choose_judge", "drive_mpc")
-# What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last.
-ATTEMPT_STAGES = STAGES[STAGES.index("train_encoder"):]
+
+
+def stage_names(prior_rounds: int = 0) -> tuple[str, ...]:
+    """In the seed's order, then the on-policy rounds, DAgger and its rounds of the prior alone (--prior-rounds);
+    stages() builds them in this order."""
+    return ("collect_race_data", "collect_recovery_data", "collect_data", "train_encoder", "train_predictor",
+            "visualise_dream", "train_prior", "train_cost_model",
+            *(f"{s}_onpolicy{r}" for r in range(1, ONPOLICY_ROUNDS + 1)
+              for s in ("collect", "train_predictor", "train_cost_model")),
+            "collect_dagger", "train_prior_dagger",
+            *(f"{s}_prior_alone{r}" for r in range(1, prior_rounds + 1) for s in ("collect", "train")),
+            "train_cost_model_dagger", "check_prior", "choose_prior", "check_judge", "choose_judge", "drive_mpc")
+
+
+STAGES = stage_names()
+
+
+def attempt_stages(names: tuple[str, ...]) -> tuple[str, ...]:
+    """What another attempt of the gate redoes (the collected data are kept): the encoder on, the final drive last."""
+    return names[names.index("train_encoder"):]
+
 # A fine-tuning rate: restarting at the first training's 1e-3 undid what the drives taught (tuning tracks
 # 500-511, mean score: 6 epochs at 1e-3 6.5, 8 epochs at 2e-4 70.1).
 ONPOLICY_LR = 2e-4
@@ -132,6 +149,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     seed = attempt_seed(args.seed, attempt)
     train = common + ["--seed", str(seed)] + [a for s, d in data.items() for a in (f"--{s}-dir", str(d))]
     resume = ["--resume"] if args.resume else []
+    hud = ["--hud", args.hud] if args.hud else []          # the encoder's; every later stage reads its config
     enc, pred, cost = m / "encoder_final.pth", m / "predictor_final.pth", m / "cost_model_final.pth"
     prior = m / "prior_final.pth"
     run = preset(args.preset)["pipeline"]
@@ -176,6 +194,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     # it first; then, with the kept prior, the same for the judge.
     dag, check, judged, last = w / DAGGER_DIR, w / PRIOR_CHECK_DIR, w / JUDGE_CHECK_DIR, last_round(w)
     retrained, kept = last / DAGGER_MODELS / "prior_final.pth", last / "prior_final.pth"
+    steps = ["--onpolicy-steps", args.prior_steps]
     judge_again, final_judge = last / DAGGER_MODELS / "cost_model_final.pth", last / JUDGE_KEPT
     on_tracks = lambda judge: ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless",   # noqa: E731
                                *models(pred_r, judge), "--episodes", str(run["dagger"]), *cap]
@@ -183,9 +202,28 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     dagger = [
         Stage("collect_dagger", common + tracks + ["--prior", str(prior), "--collect", str(dag)],
               [enc, pred_r, cost_r, prior], [dag / "summary.json"], script="drive_mpc", clear=dag),
-        Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag),
+        Stage("train_prior_dagger", train + ["--encoder", str(enc), "--onpolicy-dirs", str(dag), *steps,
                                              "--out-dir", str(retrained.parent)],
-              [enc, *data.values(), dag], [retrained, retrained.parent / "prior_stats.json"], script="train_prior"),
+              [enc, *data.values(), dag], [retrained, retrained.parent / "prior_stats.json"], script="train_prior")]
+    # Rounds of DAgger of the prior alone (README, "Session 43"): round r's prior drives training tracks of its
+    # own without the planner, every step labelled by the expert, and the prior is trained again on the
+    # finished driver's drives and every round's so far. The last round's prior is the one the check drives.
+    alone = [dag]
+    for r in range(1, args.prior_rounds + 1):
+        d, out = w / f"{PRIOR_ALONE_DIR}{r}", last / DAGGER_MODELS / f"{PRIOR_ALONE_MODELS}{r}"
+        alone.append(d)
+        dagger += [
+            Stage(f"collect_prior_alone{r}", common + ["--seed", str(seed + ONPOLICY_ROUNDS + 1 + r), "--headless",
+                                                       *models(pred_r, cost_r), "--policy", "prior", "--prior",
+                                                       str(retrained), "--collect", str(d),
+                                                       "--episodes", str(run["dagger"]), *cap],
+                  [enc, pred_r, cost_r, retrained], [d / "summary.json"], script="drive_mpc", clear=d),
+            Stage(f"train_prior_alone{r}", train + ["--encoder", str(enc), "--onpolicy-dirs", *map(str, alone),
+                                                    *steps, "--out-dir", str(out)],
+                  [enc, *data.values(), *alone], [out / "prior_final.pth", out / "prior_stats.json"],
+                  script="train_prior")]
+        retrained = out / "prior_final.pth"
+    dagger += [
         # The judge again, with the finished driver's drives among its own (not expert): a second round of
         # adversarial imitation without a second round of drives (README, "Session 29"). The prior's check
         # drives with the round's judge, as the DAgger drives did, so only the prior differs.
@@ -197,7 +235,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         Stage("check_prior", common + tracks + ["--prior", str(retrained), "--collect", str(check)],
               [enc, pred_r, cost_r, retrained], [check / "summary.json"], script="drive_mpc", clear=check),
         Stage("choose_prior", [], [dag, check, prior, retrained], [kept, last / PRIOR_CHOICE],
-              func=lambda: choose_prior(w, last)),
+              func=lambda: choose_prior(w, last, retrained)),
         Stage("check_judge", common + on_tracks(judge_again) + ["--prior", str(kept), "--collect", str(judged)],
               [enc, pred_r, judge_again, kept], [judged / "summary.json"], script="drive_mpc", clear=judged),
         Stage("choose_judge", [], [judged, last / PRIOR_CHOICE, cost_r, judge_again],
@@ -208,7 +246,7 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
                                     ("collect_data", "random"))]
     return collectors + [
         # The watcher looks for checkpoints every second (not 5), so the last epoch follows the encoder closely.
-        Stage("train_encoder", train + ["--out-dir", str(m)] + resume, list(data.values()),
+        Stage("train_encoder", train + ["--out-dir", str(m)] + hud + resume, list(data.values()),
               [enc, m / "encoder_probes.json", m / "encoder_loss.png", m / "decoder.pth", v / "decoder_stats.jsonl"],
               beside=train + ["--models-dir", str(m), "--out-dir", str(v), "--poll", "1"]),
         Stage("train_predictor", train + ["--encoder", str(enc), "--out-dir", str(m)] + resume,
@@ -305,7 +343,10 @@ def main(args):
     (w / "logs").mkdir(parents=True, exist_ok=True)
     timings_path = w / "logs" / "timings.json"
     timings = read_json(timings_path) or {}
+    names = tuple(s.name for s in plan)
     forced = set(args.force or [])
+    if unknown := sorted(forced - set(names)):
+        raise SystemExit(f"--force {', '.join(unknown)}: no such stage in this run; its stages: {', '.join(names)}")
     status, notes = {}, []
     todo = list(plan)
     while todo:
@@ -327,17 +368,17 @@ def main(args):
         # The gate, before the final drive: a run under the line trains again from the encoder on.
         if stage.name == "choose_judge" and line is not None:
             # This attempt's stages before the drive (timings.json keeps the last run of each: this attempt's).
-            spent = sum(timings.get(s, 0) for s in ATTEMPT_STAGES[:-1])
+            spent = sum(timings.get(s, 0) for s in attempt_stages(names)[:-1])
             if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
-                todo = [s for s in stages(args, w, k) if s.name in ATTEMPT_STAGES]
+                todo = [s for s in stages(args, w, k) if s.name in attempt_stages(names)]
             else:
                 # The attempt that drives may be an earlier one put back with its logs: its stage times, not
                 # those of the attempt that ran last, go to timings.json and the report.
                 timings = read_json(timings_path) or {}
     notes += attempt_notes(attempts, line) if attempts else []
-    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR, PRIOR_CHECK_DIR,
-              JUDGE_CHECK_DIR]
+    drives = [*(f"{ONPOLICY_DIR}{r}" for r in range(1, ONPOLICY_ROUNDS + 1)), DAGGER_DIR,
+              *(f"{PRIOR_ALONE_DIR}{r}" for r in range(1, args.prior_rounds + 1)), PRIOR_CHECK_DIR, JUDGE_CHECK_DIR]
     write_report(w, args.preset, status, timings, notes, drives, run["max_steps"])
     print(f"report: {w / 'report.md'}")
 
@@ -346,14 +387,25 @@ def parser():
     p = common_parser(__doc__.splitlines()[0])
     p.add_argument("--workdir", dest="out_dir", metavar="DIR",
                    help="where everything goes (default: runs/<preset>); the same as --out-dir")
-    p.add_argument("--force", action="append", choices=STAGES, metavar="STAGE",
-                   help=f"rerun this stage even if its outputs are up to date (repeatable): {', '.join(STAGES)}")
+    p.add_argument("--force", action="append", metavar="STAGE",
+                   help=f"rerun this stage even if its outputs are up to date (repeatable): {', '.join(STAGES)}, "
+                        "and with --prior-rounds N collect_prior_alone{r} and train_prior_alone{r}, r = 1..N")
     p.add_argument("--gate", type=float, default=None, metavar="SCORE",
                    help="the DAgger drives' mean a run must reach, or it trains again from the encoder with "
                         "another seed (default: the preset's; small 800, none for tiny and full)")
     p.add_argument("--attempts", type=int, default=None,
                    help="most runs from the encoder on under --gate; the best is kept (default: the preset's, "
                         "small 3)")
+    g = p.add_argument_group("recipe (README, \"Session 43\" and \"Session 45\")")
+    g.add_argument("--hud", choices=HUD_MODES, default=None,
+                   help="what the encoder blanks of the heads-up display (train_encoder.py --hud; default: its "
+                        "default, mask_score); mask_steer blanks the steering gauge too, which one run's prior copied")
+    g.add_argument("--prior-steps", choices=("all", "forward"), default="all",
+                   help="which steps of the drives labelled by the expert the prior learns from (train_prior.py "
+                        "--onpolicy-steps): all, or forward: on the road and facing along the track")
+    g.add_argument("--prior-rounds", type=int, default=0, metavar="N",
+                   help="rounds of DAgger of the prior alone after the DAgger round, each on as many training "
+                        "tracks as that round; the last round's prior is the one the prior's check drives with")
     p.add_argument("--video", choices=("auto", "mp4", "gif"), default="auto",
                    help="the final drive's recording: mp4 (needs imageio-ffmpeg), gif, or auto: mp4 where "
                         "imageio-ffmpeg is installed, else gif")

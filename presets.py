@@ -39,6 +39,11 @@ DAGGER_DIR = "data_dagger"
 # pipeline.py trains it into MODELS_DIR/onpolicy{R}/DAGGER_MODELS/ and copies the prior that drove those
 # tracks better to MODELS_DIR/onpolicy{R}/prior_final.pth, where drive_mpc.py looks first.
 PRIOR_CHECK_DIR = "data_prior_check"
+# pipeline.py --prior-rounds: the prior's own drives on training tracks, round r in PRIOR_ALONE_DIR{r}, every step
+# labelled by the expert, and the prior trained again with them in MODELS_DIR/onpolicy{R}/DAGGER_MODELS/
+# PRIOR_ALONE_MODELS{r}/ (README, "Session 43").
+PRIOR_ALONE_DIR = "data_prior_alone"
+PRIOR_ALONE_MODELS = "alone"
 # The DAgger round's models: the retrained prior, and the judge trained again with the DAgger drives among
 # the MPC's own (not expert).
 DAGGER_MODELS = "dagger"
