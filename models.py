@@ -22,13 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from presets import atomic_write
+from presets import HUD_MODES, atomic_write
 
 CHECKPOINT_FORMAT = 1
 HUD_ROWS = 8                        # the bottom 8 of 64 rows are the heads-up display (12 of 96)
 SCORE_COLS = 7                      # ... whose left 7 columns are the score digits (the speed bar is at 8-9)
 STEER_GAUGE = (slice(56, 62), slice(24, 40))   # ... rows, columns of the steering gauge (the green bar: 57-60, 25-38)
-HUD_MODES = ("keep", "mask_score", "mask_steer", "mask")   # what prepare_frames can do with the HUD
 
 
 class CheckpointError(RuntimeError):

@@ -51,10 +51,9 @@ from pathlib import Path
 from typing import Callable
 
 from gate import ATTEMPTS_FILE, attempt_notes, choose_judge, choose_prior, last_round, next_attempt
-from models import HUD_MODES
-from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, JUDGE_CHECK_DIR, JUDGE_CHOICE, JUDGE_KEPT,
-                     MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_ALONE_DIR, PRIOR_ALONE_MODELS,
-                     PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
+from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, DREAM_GIF, HUD_MODES, JUDGE_CHECK_DIR, JUDGE_CHOICE,
+                     JUDGE_KEPT, MODELS_DIR, ONPOLICY_DIR, ONPOLICY_MODELS, ONPOLICY_ROUNDS, PRIOR_ALONE_DIR,
+                     PRIOR_ALONE_MODELS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, common_parser, preset)
 from report import read_json, write_report
 from video import can_write_mp4, check_record_path
 
@@ -340,13 +339,13 @@ def main(args):
     here = next((a for a in attempts if a["where"] == "."), None)
     k = here["attempt"] if here else len(attempts)
     plan = stages(args, w, k)                    # checks the video's format now, not after the training
-    (w / "logs").mkdir(parents=True, exist_ok=True)
-    timings_path = w / "logs" / "timings.json"
-    timings = read_json(timings_path) or {}
     names = tuple(s.name for s in plan)
     forced = set(args.force or [])
     if unknown := sorted(forced - set(names)):
         raise SystemExit(f"--force {', '.join(unknown)}: no such stage in this run; its stages: {', '.join(names)}")
+    (w / "logs").mkdir(parents=True, exist_ok=True)
+    timings_path = w / "logs" / "timings.json"
+    timings = read_json(timings_path) or {}
     status, notes = {}, []
     todo = list(plan)
     while todo:

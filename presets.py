@@ -20,6 +20,9 @@ from pathlib import Path
 # 60 frames = 1.2 s, enough to see a corner coming before braking for it.
 CONTROL_PERIOD = 4
 
+# What models.prepare_frames can do with the heads-up display (train_encoder.py --hud, pipeline.py --hud).
+HUD_MODES = ("keep", "mask_score", "mask_steer", "mask")
+
 # Default folders, as in the seed: collectors write here, trainers read from here.
 DATA_DIRS = {"race": "data_race", "recovery": "data_recovery", "random": "data"}
 # The MPC's own drives on training tracks (drive_mpc.py --collect), one folder per round: the world model

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 
 from presets import (DAGGER_DIR, DAGGER_MODELS, DATA_DIRS, JUDGE_CHECK_DIR, JUDGE_CHOICE, JUDGE_KEPT, MODELS_DIR,
-                     ONPOLICY_DIR, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR, onpolicy_rounds)
+                     ONPOLICY_DIR, PRIOR_ALONE_DIR, PRIOR_ALONE_MODELS, PRIOR_CHECK_DIR, PRIOR_CHOICE, VISUALS_DIR,
+                     onpolicy_rounds)
 
 
 def read_json(path: Path):
@@ -62,7 +63,8 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
             for src, d in folders if (s := read_json(w / d / "summary.json"))]
     if rows:
         out += ["## Data", "", f"{ONPOLICY_DIR}{{r}}: the MPC's own drives on training tracks, round r; {DAGGER_DIR}: "
-                f"the finished driver's, labelled by the expert for the prior; {PRIOR_CHECK_DIR}: the same tracks "
+                f"the finished driver's, labelled by the expert for the prior; {PRIOR_ALONE_DIR}{{r}}: the prior's "
+                f"own without the planner, round r (--prior-rounds); {PRIOR_CHECK_DIR}: the DAgger round's tracks "
                 f"driven with the prior retrained on them; {JUDGE_CHECK_DIR}: with the kept prior and the judge "
                 "trained again with them.", "",
                 *_table(["source", "episodes", "frames", "score", "laps", "off-road share", "median speed",
@@ -106,8 +108,11 @@ def write_report(w: Path, preset: str, status: dict, timings: dict, notes: list[
         out += ["## Cost model (held-out)", "", *_table(
             ["stats", "expert AUC", "expert ECE", "on-road accuracy", "progress R²"], rows)]
     retrained = f"{DAGGER_MODELS}/prior_stats.json"
+    alone = [p for d in onpolicy_rounds(m)[-1:]
+             for p in (d / DAGGER_MODELS).glob(f"{PRIOR_ALONE_MODELS}*/prior_stats.json")]
     priors = [(p.relative_to(w).as_posix(), st) for p in [m / "prior_stats.json",
-              *(d / retrained for d in onpolicy_rounds(m, retrained)[-1:])] if (st := read_json(p))]
+              *(d / retrained for d in onpolicy_rounds(m, retrained)[-1:]),
+              *sorted(alone, key=lambda p: int(p.parent.name[len(PRIOR_ALONE_MODELS):]))] if (st := read_json(p))]
     if priors:
         out += ["## Expert prior (held-out steps: the expert's, and the labelled DAgger drives' where used)", "",
                 *_table(["stats", "sources", "steer R²", "longitudinal R²", "training steps"],

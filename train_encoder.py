@@ -25,8 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_loader import BalancedBatches, EpisodeData, prefetch
-from models import HUD_MODES, Expander, TinyEncoder, load_checkpoint, load_weights, save_checkpoint
-from presets import MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs, pick_device
+from models import Expander, TinyEncoder, load_checkpoint, load_weights, save_checkpoint
+from presets import (HUD_MODES, MODELS_DIR, add_data_args, apply_preset, atomic_write, common_parser, data_dirs,
+                     pick_device)
 from probes import probe_report
 
 CKPT_RE = re.compile(r"encoder_mixed_ep(\d+)\.pth$")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +14,18 @@ from conftest import ROOT
 import gate
 import pipeline
 from data_loader import read_episode
+from models import load_checkpoint
 from presets import EVAL_SEED_LIMIT, PRESETS
 
 # One thread per process: on a CPU shared with other jobs, torch's default of one thread per core
 # spin-waits against them (the tiny encoder ran 5x and MPC planning 70x slower here without this).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+# The tiny run end to end takes session 43's recipe: the gauge blanked, the prior on the forward steps of the
+# labelled drives, and a round of DAgger of the prior alone (its stages: RECIPE_STAGES).
+RECIPE = ("--hud", "mask_steer", "--prior-steps", "forward", "--prior-rounds", "1")
+RECIPE_STAGES = pipeline.stage_names(1)
 
 
 def run_pipeline(workdir, *extra, timeout=300):
@@ -30,7 +38,7 @@ def statuses(stdout: str) -> dict:
     out = {}
     for line in stdout.splitlines():
         name, _, rest = line.partition(" ")
-        if name in pipeline.STAGES and rest.strip().startswith(("ran", "skipped")):
+        if name in RECIPE_STAGES and rest.strip().startswith(("ran", "skipped")):
             out[name] = rest.split()[0]
     return out
 
@@ -65,10 +73,16 @@ def test_a_folder_counts_as_its_newest_visible_file(tmp_path):
     assert "missing" in pipeline.stale([tmp_path / "empty"], [out])    # a folder with no data in it yet
 
 
-def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_path):
-    args = Namespace(preset="tiny", device="auto", seed=0, workers=None, resume=False, video="auto")
-    built = pipeline.stages(args, tmp_path)
-    assert [s.name for s in built] == list(pipeline.STAGES)
+def plan_args(preset="tiny", hud=None, prior_steps="all", prior_rounds=0) -> Namespace:
+    return Namespace(preset=preset, device="auto", seed=0, workers=None, resume=False, video="auto", hud=hud,
+                     prior_steps=prior_steps, prior_rounds=prior_rounds)
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_path, rounds):
+    built = pipeline.stages(plan_args(prior_rounds=rounds), tmp_path)
+    assert [s.name for s in built] == list(pipeline.stage_names(rounds))
+    assert pipeline.stage_names(0) == pipeline.STAGES
     for s in built:
         assert all(tmp_path in p.parents for p in s.outputs), s.name
         assert (s.func is not None) != (ROOT / f"{s.script or s.name}.py").exists(), s.name   # a script or a call
@@ -80,7 +94,7 @@ def test_stages_come_in_the_seeds_order_and_write_only_under_the_workdir(tmp_pat
 
 
 def test_the_drive_is_recorded_as_gif_where_mp4_cannot_be_written(tmp_path, monkeypatch):
-    args = Namespace(preset="tiny", device="auto", seed=0, workers=None, resume=False, video="auto")
+    args = plan_args()
     final = lambda: pipeline.stages(args, tmp_path)[-1]                     # noqa: E731  the drive_mpc stage
     assert final().outputs[-1] == tmp_path / "drive.mp4"                    # imageio-ffmpeg is in requirements.txt
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)                # as on a machine without it
@@ -92,8 +106,7 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
     for preset, spec in PRESETS.items():
         run = spec["pipeline"]
         drives, _, judge_epochs = run["onpolicy"]
-        args = Namespace(preset=preset, device="auto", seed=0, workers=None, resume=False, video="auto")
-        built = {s.name: s.argv for s in pipeline.stages(args, ROOT / "unused")}
+        built = {s.name: s.argv for s in pipeline.stages(plan_args(preset), ROOT / "unused")}
         collect, judge = built["collect_onpolicy1"], built["train_cost_model_onpolicy1"]
         assert collect[collect.index("--episodes") + 1] == str(drives)
         assert (judge[judge.index("--epochs") + 1] == str(judge_epochs)) if judge_epochs else "--epochs" not in judge
@@ -137,6 +150,49 @@ def test_the_round_judge_gets_the_presets_epochs_and_the_drives_count():
         assert same_judge[:judged.index("--prior")] == dagger[:dagger.index("--prior")]   # tracks and predictor
         assert judged[judged.index("--collect") + 1] == str(ROOT / "unused" / "data_judge_check")
         assert drive[drive.index("--cost") + 1] == str(last / "cost_model_kept.pth")
+        # the defaults: the encoder's own HUD mask, every labelled step, no round of the prior alone
+        assert "--hud" not in built["train_encoder"] and "collect_prior_alone1" not in built
+        assert retrain[retrain.index("--onpolicy-steps") + 1] == "all"
+
+
+def test_the_recipe_flags_reach_the_encoder_and_every_training_of_the_prior_on_labelled_drives(tmp_path):
+    built = {s.name: s for s in pipeline.stages(plan_args("small", "mask_steer", "forward", 2), tmp_path)}
+    argv = {name: s.argv for name, s in built.items()}
+    arg = lambda name, flag: argv[name][argv[name].index(flag) + 1]                  # noqa: E731
+    assert arg("train_encoder", "--hud") == "mask_steer"
+    assert all("--hud" not in a for name, a in argv.items() if name != "train_encoder")   # they read its config
+    last = tmp_path / "models" / f"onpolicy{pipeline.ONPOLICY_ROUNDS}"
+    dag = arg("collect_dagger", "--collect")
+    priors = [arg("train_prior_dagger", "--out-dir")]
+    for r in (1, 2):
+        drive, train = argv[f"collect_prior_alone{r}"], argv[f"train_prior_alone{r}"]
+        # round r: the prior of the round before drives alone, on training tracks no other drive used, with the
+        # DAgger round's count of them; the prior is trained again on the DAgger drives and every round's so far
+        assert arg(f"collect_prior_alone{r}", "--policy") == "prior"
+        assert arg(f"collect_prior_alone{r}", "--prior") == str(Path(priors[-1]) / "prior_final.pth")
+        assert arg(f"collect_prior_alone{r}", "--episodes") == arg("collect_dagger", "--episodes")
+        assert arg(f"collect_prior_alone{r}", "--collect") == str(tmp_path / f"data_prior_alone{r}")
+        seeds = [arg(s, "--seed") for s in ("collect_onpolicy1", "collect_dagger", "collect_prior_alone1",
+                                            "collect_prior_alone2")]
+        assert len(set(seeds)) == len(seeds)
+        dirs = train[train.index("--onpolicy-dirs") + 1:train.index("--onpolicy-steps")]
+        assert dirs == [dag, *(str(tmp_path / f"data_prior_alone{i}") for i in range(1, r + 1))]
+        assert arg(f"train_prior_alone{r}", "--out-dir") == str(last / "dagger" / f"alone{r}")
+        assert built[f"collect_prior_alone{r}"].clear == tmp_path / f"data_prior_alone{r}"
+        priors.append(arg(f"train_prior_alone{r}", "--out-dir"))
+    for name in ("train_prior_dagger", "train_prior_alone1", "train_prior_alone2"):
+        assert arg(name, "--onpolicy-steps") == "forward", name
+    # the last round's prior is the candidate the check drives with and the choice copies
+    assert arg("check_prior", "--prior") == str(last / "dagger" / "alone2" / "prior_final.pth")
+    assert last / "dagger" / "alone2" / "prior_final.pth" in built["choose_prior"].inputs
+
+
+def test_force_names_only_stages_of_this_run(tmp_path):
+    for argv in (["--force", "train_prior_alone1"], ["--force", "no_such_stage"]):
+        args = pipeline.parser().parse_args(["--preset", "tiny", "--workdir", str(tmp_path / "w"), *argv])
+        with pytest.raises(SystemExit, match=f"--force {argv[1]}: no such stage"):
+            pipeline.main(args)
+    assert not (tmp_path / "w").exists()                               # refused before anything was written
 
 
 # ---------------------------------------------------------------- failures
@@ -165,7 +221,7 @@ def test_a_pipeline_asked_for_an_mp4_it_cannot_write_stops_before_the_first_stag
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pipeline")
     t0 = time.perf_counter()
-    r = run_pipeline(workdir)
+    r = run_pipeline(workdir, *RECIPE)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     print(f"tiny pipeline: {time.perf_counter() - t0:.1f} s\n{r.stdout}")
     return workdir, r
@@ -173,12 +229,12 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     w, r = tiny_run
-    assert statuses(r.stdout) == {s: "ran" for s in pipeline.STAGES}
+    assert statuses(r.stdout) == {s: "ran" for s in RECIPE_STAGES}
     drive = json.loads((w / "drive.json").read_text())
     assert len(drive["scores"]) == 1
     assert (w / "output_dream.gif").stat().st_size > 0 and (w / "drive.mp4").stat().st_size > 0
     assert list((w / "visuals").glob("reconstruct_ep*.png"))
-    assert all((w / "logs" / f"{s}.log").exists() for s in (*pipeline.STAGES, "train_decoder"))
+    assert all((w / "logs" / f"{s}.log").exists() for s in (*RECIPE_STAGES, "train_decoder"))
     report = (w / "report.md").read_text()
     assert f"Score **{drive['mean']:.1f} ± {drive['std']:.1f}**" in report
     assert f"| {drive['wrong_way_share'][0]:.4g} | {drive['median_speed'][0]:.4g} |" in report
@@ -219,6 +275,24 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
     assert choice["kept"] == ("dagger" if means["dagger"] >= means["round0"] else "round0")
     assert (last / "prior_final.pth").read_bytes() == (w / choice["source"]).read_bytes()
     assert f"driving with **{choice['source']}**" in report
+    # The round of the prior alone: its drives on training tracks of their own, every step labelled, and the prior
+    # trained again with them is the one the check drove with
+    alone = sorted((w / "data_prior_alone1").glob("*.npz"))
+    assert len(alone) == PRESETS["tiny"]["pipeline"]["dagger"]
+    assert all(np.isfinite(read_episode(p)[0]["expert_action"]).all() for p in alone)
+    assert not set(seeds("data_prior_alone1")) & set(seeds("data_dagger"))
+    assert min(seeds("data_prior_alone1")) >= EVAL_SEED_LIMIT
+    assert f"--policy prior --prior {last / 'dagger' / 'prior_final.pth'}" in \
+        (w / "logs" / "collect_prior_alone1.log").read_text()
+    stats = json.loads((last / "dagger" / "alone1" / "prior_stats.json").read_text())
+    assert stats["sources"] == ["race", "recovery", "onpolicy1", "onpolicy2"]
+    assert f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/dagger/alone1/prior_stats.json | race + recovery + " in report
+    assert f"--prior {last / 'dagger' / 'alone1' / 'prior_final.pth'}" in (w / "logs" / "check_prior.log").read_text()
+    assert "| data_prior_alone1 | 2 |" in report
+    assert choice["source"] in ("models/prior_final.pth", f"models/onpolicy{pipeline.ONPOLICY_ROUNDS}/dagger/alone1/"
+                                                          "prior_final.pth")
+    # the encoder blanked the steering gauge, and said so in its checkpoint for every later stage
+    assert load_checkpoint(w / "models" / "encoder_final.pth")["config"]["hud"] == "mask_steer"
     # The judge's check: with the kept prior and the retrained judge on the same tracks; the judge kept is the
     # one whose driver scored more there (the round's: the kept prior's own mean) and the final drive's
     assert seeds("data_judge_check") == seeds("data_dagger")
@@ -246,9 +320,9 @@ def test_tiny_pipeline_writes_every_result_and_the_report(tiny_run):
 def test_a_second_run_skips_every_stage(tiny_run):
     w, _ = tiny_run
     t0 = time.perf_counter()
-    r = run_pipeline(w)
+    r = run_pipeline(w, *RECIPE)
     assert r.returncode == 0, r.stderr
-    assert statuses(r.stdout) == {s: "skipped" for s in pipeline.STAGES}
+    assert statuses(r.stdout) == {s: "skipped" for s in RECIPE_STAGES}
     assert time.perf_counter() - t0 < 15
     assert "| train_encoder | skipped |" in (w / "report.md").read_text()
 
@@ -257,7 +331,7 @@ def test_force_reruns_the_stage_and_only_what_depends_on_it(tiny_run):
     w, _ = tiny_run
     checks = {p.name: p.stat().st_mtime_ns for p in (w / "data_prior_check").glob("*.npz")}
     drove = (w / "drive.json").stat().st_mtime_ns
-    r = run_pipeline(w, "--force", "train_cost_model_dagger")
+    r = run_pipeline(w, *RECIPE, "--force", "train_cost_model_dagger")
     assert r.returncode == 0, r.stderr
     ran = {s for s, st in statuses(r.stdout).items() if st == "ran"}
     # The judge trained on the DAgger drives feeds only its check, its choice and the final drive: the prior's
@@ -315,6 +389,18 @@ def test_the_judge_that_drove_the_dagger_tracks_better_with_the_kept_prior_is_ke
 
 
 # ---------------------------------------------------------------- the gate on the DAgger round's tracks
+def test_an_attempt_is_shelved_and_put_back_with_its_drives_of_the_prior_alone(tmp_path):
+    for name in ("models", "data_dagger", "data_prior_alone1", "data_prior_alone2", "data_race", "logs"):
+        touch(tmp_path / name / "x.txt", 100)
+    assert gate.shelve(tmp_path, 0) == "attempt0"
+    assert {p.name for p in tmp_path.iterdir()} == {"attempt0", "data_race", "logs"}     # the data stay
+    assert (tmp_path / "attempt0" / "data_prior_alone2" / "x.txt").exists()
+    gate.unshelve(tmp_path, "attempt0")
+    assert {p.name for p in tmp_path.iterdir()} == {"models", "data_dagger", "data_prior_alone1",
+                                                    "data_prior_alone2", "data_race", "logs"}
+    assert (tmp_path / "data_prior_alone1" / "x.txt").stat().st_mtime_ns == 100 * 10 ** 9   # renamed, times kept
+
+
 def gated_run(workdir, monkeypatch, means):
     """pipeline.main at small with every stage faked but the choices of the prior and the judge: each output
     holds the seed its stage was given, and the DAgger drives, the prior's check drives and the judge's check
@@ -354,7 +440,7 @@ def test_a_run_under_the_gate_trains_again_from_the_encoder_with_another_seed(tm
     ran, notes, _ = gated_run(tmp_path, monkeypatch, [(line - 300, line - 350, line - 250),
                                                       (line - 10, line + 50, line + 20)])
     later = pipeline.STAGES[pipeline.STAGES.index("train_encoder"):-1]
-    assert pipeline.ATTEMPT_STAGES == (*later, "drive_mpc")
+    assert pipeline.attempt_stages(pipeline.STAGES) == (*later, "drive_mpc")
     # the data are collected once; everything from the encoder to the DAgger prior twice, the drive (on the
     # evaluation tracks from 0) once; the second attempt's stages each get their first seed + 1000
     assert [s for s, _ in ran] == [*pipeline.STAGES[:-1], *later, "drive_mpc"] and ran[-1][1] == "0"
