@@ -43,10 +43,10 @@ def _keep(w: Path, means: dict[str, float], sources: dict[str, Path], dest: Path
     return choice
 
 
-def choose_prior(w: Path, last: Path, retrained: Path | None = None) -> str:
+def choose_prior(w: Path, last: Path, retrained: Path) -> str:
     """Keep the prior whose driver scored more on the DAgger round's tracks: round 0's (the DAgger drives
-    themselves) or the one retrained on them (the check drives; `retrained`, by default last/dagger/'s, the last
-    round's of the prior alone under pipeline.py --prior-rounds). Copies it to last/prior_final.pth and writes
+    themselves) or `retrained`, the one retrained on them (the check drives; last/dagger/'s, or under pipeline.py
+    --prior-rounds the last round's of the prior alone). Copies it to last/prior_final.pth and writes
     last/prior_choice.json {"round0", "dagger", "kept", "score", "source"}.
 
     Why: the retrained prior moved the same run's car by -174 to +142 points a track (README, "Which prior
@@ -54,8 +54,7 @@ def choose_prior(w: Path, last: Path, retrained: Path | None = None) -> str:
     """
     means = {"round0": read_json(w / DAGGER_DIR / "summary.json")["score_mean"],
              "dagger": read_json(w / PRIOR_CHECK_DIR / "summary.json")["score_mean"]}
-    sources = {"round0": w / MODELS_DIR / "prior_final.pth",
-               "dagger": retrained or last / DAGGER_MODELS / "prior_final.pth"}
+    sources = {"round0": w / MODELS_DIR / "prior_final.pth", "dagger": retrained}
     c = _keep(w, means, sources, last / "prior_final.pth", last / PRIOR_CHOICE)
     return (f"DAgger round's tracks: round 0's prior {means['round0']:.1f}, retrained prior {means['dagger']:.1f}; "
             f"kept {c['source']}")

@@ -195,8 +195,9 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
     retrained, kept = last / DAGGER_MODELS / "prior_final.pth", last / "prior_final.pth"
     steps = ["--onpolicy-steps", args.prior_steps]
     judge_again, final_judge = last / DAGGER_MODELS / "cost_model_final.pth", last / JUDGE_KEPT
-    on_tracks = lambda judge: ["--seed", str(seed + ONPOLICY_ROUNDS + 1), "--headless",   # noqa: E731
-                               *models(pred_r, judge), "--episodes", str(run["dagger"]), *cap]
+    # The DAgger round's training tracks (its rounds of the prior alone: the next seeds), the last round's models.
+    on_tracks = lambda judge, r=0: ["--seed", str(seed + ONPOLICY_ROUNDS + 1 + r), "--headless",   # noqa: E731
+                                    *models(pred_r, judge), "--episodes", str(run["dagger"]), *cap]
     tracks = on_tracks(cost_r)
     dagger = [
         Stage("collect_dagger", common + tracks + ["--prior", str(prior), "--collect", str(dag)],
@@ -212,10 +213,8 @@ def stages(args, w: Path, attempt: int = 0) -> list[Stage]:
         d, out = w / f"{PRIOR_ALONE_DIR}{r}", last / DAGGER_MODELS / f"{PRIOR_ALONE_MODELS}{r}"
         alone.append(d)
         dagger += [
-            Stage(f"collect_prior_alone{r}", common + ["--seed", str(seed + ONPOLICY_ROUNDS + 1 + r), "--headless",
-                                                       *models(pred_r, cost_r), "--policy", "prior", "--prior",
-                                                       str(retrained), "--collect", str(d),
-                                                       "--episodes", str(run["dagger"]), *cap],
+            Stage(f"collect_prior_alone{r}", common + on_tracks(cost_r, r) + ["--policy", "prior", "--prior",
+                                                                             str(retrained), "--collect", str(d)],
                   [enc, pred_r, cost_r, retrained], [d / "summary.json"], script="drive_mpc", clear=d),
             Stage(f"train_prior_alone{r}", train + ["--encoder", str(enc), "--onpolicy-dirs", *map(str, alone),
                                                     *steps, "--out-dir", str(out)],
@@ -340,6 +339,7 @@ def main(args):
     k = here["attempt"] if here else len(attempts)
     plan = stages(args, w, k)                    # checks the video's format now, not after the training
     names = tuple(s.name for s in plan)
+    redo = attempt_stages(names)
     forced = set(args.force or [])
     if unknown := sorted(forced - set(names)):
         raise SystemExit(f"--force {', '.join(unknown)}: no such stage in this run; its stages: {', '.join(names)}")
@@ -367,10 +367,10 @@ def main(args):
         # The gate, before the final drive: a run under the line trains again from the encoder on.
         if stage.name == "choose_judge" and line is not None:
             # This attempt's stages before the drive (timings.json keeps the last run of each: this attempt's).
-            spent = sum(timings.get(s, 0) for s in attempt_stages(names)[:-1])
+            spent = sum(timings.get(s, 0) for s in redo[:-1])
             if next_attempt(w, attempts, k, attempt_seed(args.seed, k), line, tries, spent):
                 k += 1
-                todo = [s for s in stages(args, w, k) if s.name in attempt_stages(names)]
+                todo = [s for s in stages(args, w, k) if s.name in redo]
             else:
                 # The attempt that drives may be an earlier one put back with its logs: its stage times, not
                 # those of the attempt that ran last, go to timings.json and the report.

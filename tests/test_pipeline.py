@@ -353,7 +353,7 @@ def test_the_prior_that_drove_the_dagger_tracks_better_is_kept(tmp_path):
         for d, mean in (("data_dagger", round0), ("data_prior_check", dagger)):
             (tmp_path / d).mkdir(exist_ok=True)
             (tmp_path / d / "summary.json").write_text(json.dumps({"score_mean": mean}))
-        line = gate.choose_prior(tmp_path, last)
+        line = gate.choose_prior(tmp_path, last, last / "dagger" / "prior_final.pth")
         assert (last / "prior_final.pth").read_bytes() == kept
         choice = json.loads((last / "prior_choice.json").read_text())
         assert choice == {"round0": round0, "dagger": dagger, "kept": "round0" if kept == b"round 0" else "dagger",
